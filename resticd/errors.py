@@ -1,0 +1,114 @@
+"""
+Domain errors and the one place that maps them to HTTP answers.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import ClassVar
+
+from .logs import logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+
+log = logger(__name__)
+
+
+class ResticdError(Exception):
+    """
+    An error the client is told about; C{status} is its HTTP status code.
+    """
+
+    status: ClassVar[int] = http.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ResticdError):
+    """The request is malformed: a wrong query, a body that fails its name."""
+
+    status = http.BAD_REQUEST
+
+
+class Forbidden(ResticdError):
+    """The request is well-formed but not allowed (e.g. an overwrite)."""
+
+    status = http.FORBIDDEN
+
+
+class NotFound(ResticdError):
+    """No such repository, type or object."""
+
+    status = http.NOT_FOUND
+
+
+class Conflict(ResticdError):
+    """The repository already exists."""
+
+    status = http.CONFLICT
+
+
+class InsufficientStorage(ResticdError):
+    """The disk is full (restic treats 507 as final)."""
+
+    status = 507
+
+
+#: errno values that mean "out of space" rather than "server fault".
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def classify(failure: Failure) -> ResticdError:
+    """
+    Turn any failure into the L{ResticdError} the client is told about.
+
+    Domain errors pass through; running out of space is 507; anything else
+    is a server fault (500).
+    """
+    error = failure.value
+    if isinstance(error, ResticdError):
+        return error
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return InsufficientStorage("insufficient storage")
+    return ResticdError("internal server error")
+
+
+def error_body(request: IRequest, error: ResticdError) -> bytes:
+    """
+    Set the status and headers of C{request} for C{error} and return its
+    short plain-text body (empty for C{HEAD}, which sends headers only).
+    """
+    body = error.message.encode("utf-8") + b"\n"
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return b"" if request.method == b"HEAD" else body
+
+
+def render_failure(request: IRequest, failure: Failure) -> None:
+    """
+    Answer C{request} with the status C{failure} maps to, logging server
+    faults once, and finish it, unless the client has gone already.
+    """
+    error = classify(failure)
+    if error.status >= 500 and error.status != 507:
+        log.failure(
+            "{method} {uri} failed",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("ascii", "replace"),
+        )
+    elif error.status == 507:
+        log.warn(
+            "{method} {uri}: insufficient storage ({why})",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("ascii", "replace"),
+            why=failure.getErrorMessage(),
+        )
+    if getattr(request, "_disconnected", False) or getattr(request, "finished", False):
+        return
+    request.write(error_body(request, error))
+    request.finish()

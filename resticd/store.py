@@ -1,0 +1,257 @@
+"""
+The repository store: every blocking filesystem operation of the server.
+
+All methods here block (fsync, rename, directory walks) and are meant to run
+in the worker thread pool, never on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import Conflict, Forbidden, NotFound
+from .paths import HASHED_TYPES, Layout, Repo, data_subdirs, is_inside, is_object_name
+from .spool import SpoolFile
+
+Entry = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Modes:
+    """
+    File and directory permission bits for everything the store creates.
+    """
+
+    file: int = 0o600
+    directory: int = 0o700
+
+    @classmethod
+    def for_group(cls, group_accessible: bool) -> Modes:
+        """
+        Owner-only modes, or group-accessible ones (0660/0770).
+        """
+        return cls(0o660, 0o770) if group_accessible else cls()
+
+
+def fsync_dir(path: str) -> None:
+    """
+    Make the entries of directory C{path} durable.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str) -> str:
+    """
+    The sha256 of a file's content, as lowercase hex.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Store:
+    """
+    Repositories under one data root, in restic's local layout.
+    """
+
+    def __init__(self, layout: Layout, modes: Modes = Modes()) -> None:
+        self.layout = layout
+        self.modes = modes
+        self._real_root = os.path.realpath(layout.root)
+
+    # -- containment -------------------------------------------------------
+
+    def contained(self, path: str) -> str:
+        """
+        C{path} itself, after checking that it does not lead outside the data
+        root through a symbolic link; L{NotFound} if it does.
+        """
+        if not is_inside(self._real_root, os.path.realpath(path)):
+            raise NotFound("not found")
+        return path
+
+    # -- directories ---------------------------------------------------------
+
+    def _mkdir(self, path: str) -> bool:
+        """
+        Create one directory with the store's mode; whether it was new.
+        """
+        try:
+            os.mkdir(path, self.modes.directory)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
+            return False
+        os.chmod(path, self.modes.directory)
+        return True
+
+    def _ensure_dir(self, path: str) -> None:
+        """
+        Create C{path} and missing parents below the root, fsyncing each
+        parent that got a new entry.
+        """
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path)
+        if path != self.layout.root:
+            self._ensure_dir(parent)
+        if self._mkdir(path):
+            fsync_dir(parent)
+
+    def prepare_root(self) -> None:
+        """
+        Create the data root and the spool directory if missing.
+        """
+        os.makedirs(self.layout.root, self.modes.directory, exist_ok=True)
+        self._mkdir(self.layout.spool_dir())
+
+    def repo_exists(self, repo: Repo) -> bool:
+        """
+        Whether the repository's directory exists.
+        """
+        return os.path.isdir(self.contained(self.layout.repo_dir(repo)))
+
+    def create_repo(self, repo: Repo) -> None:
+        """
+        Create a repository's directories (idempotent); L{Conflict} if it has a
+        config already.
+        """
+        layout = self.layout
+        repo_dir = self.contained(layout.repo_dir(repo))
+        if os.path.lexists(layout.config_path(repo)):
+            raise Conflict("repository already exists")
+        self._ensure_dir(repo_dir)
+        created = False
+        for kind in HASHED_TYPES:
+            created |= self._mkdir(layout.type_dir(repo, kind))
+        data = layout.type_dir(repo, "data")
+        if any([self._mkdir(os.path.join(data, sub)) for sub in data_subdirs()]):
+            fsync_dir(data)
+        if created:
+            fsync_dir(repo_dir)
+
+    def delete_repo(self, repo: Repo) -> None:
+        """
+        Remove a repository's config and type directories, and its directory
+        when nothing else (a nested repository) is left in it.
+        """
+        layout = self.layout
+        repo_dir = self.contained(layout.repo_dir(repo))
+        if not os.path.isdir(repo_dir):
+            raise NotFound("no such repository")
+        try:
+            os.unlink(layout.config_path(repo))
+        except FileNotFoundError:
+            pass
+        for kind in HASHED_TYPES:
+            try:
+                shutil.rmtree(layout.type_dir(repo, kind))
+            except FileNotFoundError:
+                pass
+        if repo:
+            try:
+                os.rmdir(repo_dir)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        fsync_dir(os.path.dirname(repo_dir) if repo else repo_dir)
+
+    # -- objects --------------------------------------------------------------
+
+    def publish(self, spool: SpoolFile, repo: Repo, kind: str, name: str) -> bool:
+        """
+        Make a finished upload durable under its final name, never replacing a
+        file already there.
+
+        Returns C{True} when the object was stored, C{False} when an identical
+        object was there already (a client retry). L{Forbidden} when a
+        different one is there, L{NotFound} when the repository does not
+        exist. The spool file is gone afterwards, whatever happens.
+        """
+        try:
+            layout = self.layout
+            if not os.path.isdir(self.contained(layout.repo_dir(repo))):
+                raise NotFound("no such repository")
+            if kind == "config":
+                final = layout.config_path(repo)
+            else:
+                final = layout.object_path(repo, kind, name)
+            directory = self.contained(os.path.dirname(final))
+            spool.sync()
+            self._ensure_dir(directory)
+            try:
+                os.link(spool.path, final)
+            except FileExistsError:
+                if self._same_content(final, spool):
+                    return False
+                raise Forbidden("a different object with this name exists")
+            fsync_dir(directory)
+            return True
+        finally:
+            spool.discard()
+
+    def _same_content(self, path: str, spool: SpoolFile) -> bool:
+        try:
+            if os.stat(path).st_size != spool.size:
+                return False
+            return sha256_file(path) == spool.hexdigest()
+        except FileNotFoundError:
+            return False
+
+    def delete(self, path: str) -> None:
+        """
+        Remove one object or config file; a missing one is not an error.
+        """
+        try:
+            os.unlink(self.contained(path))
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise NotFound("not found") from None
+
+    def list_dir(self, directory: str) -> list[Entry]:
+        """
+        The valid object names in C{directory} with their sizes; a missing
+        directory lists as empty.
+        """
+        try:
+            scan = os.scandir(self.contained(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        entries = []
+        with scan:
+            for entry in scan:
+                if not is_object_name(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                entries.append((entry.name, st.st_size))
+        return entries
+
+    def list_dirs(self, repo: Repo, kind: str) -> Iterator[str]:
+        """
+        The directories that hold the objects of one type: the type directory,
+        or for data its 256 fan-out subdirectories.
+        """
+        type_dir = self.layout.type_dir(repo, kind)
+        if kind != "data":
+            yield type_dir
+            return
+        for sub in data_subdirs():
+            yield os.path.join(type_dir, sub)
+

@@ -1,0 +1,162 @@
+"""
+The C{twistd resticd} command line and the service it makes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from . import __version__
+from .config import Config
+from .tls import MIN_VERSIONS
+
+_ENDPOINT_PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9+]*:")
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)\Z")
+
+
+def endpoint_description(listen: str) -> str:
+    """
+    A Twisted endpoint description for a C{--listen} value: endpoint strings
+    (C{tcp:8000}, C{unix:/run/resticd.sock}, C{systemd:domain=INET:index=0})
+    pass through; rest-server's C{:8000}, C{host:8000} and C{[::1]:8000} are
+    translated to C{tcp:...}.
+
+    @raise ValueError: for anything else.
+    """
+    match = _HOST_PORT.match(listen)
+    if match:
+        host = match.group("v6") or match.group("host")
+        port = match.group("port")
+        if not host:
+            return f"tcp:{port}"
+        return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+    if _ENDPOINT_PREFIX.match(listen):
+        return listen
+    raise ValueError(f"not an endpoint or host:port: {listen!r}")
+
+
+class Options(usage.Options):
+    """
+    The options of C{twistd resticd}.
+    """
+
+    synopsis = "[options] --path DIR"
+    longdesc = (
+        "Serve restic repositories below DIR over restic's REST backend protocol, "
+        "on HTTP/1.1 and HTTP/2, with or without TLS."
+    )
+
+    optParameters = [
+        ["path", None, None, "Data directory holding the repositories (required; created if missing)."],
+        ["tls-cert", None, None, "PEM certificate file (server certificate, then any chain); turns TLS on."],
+        ["tls-key", None, None, "PEM private key file (may be the certificate file); turns TLS on."],
+        ["tls-min-version", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
+        ["htpasswd-file", None, None, "htpasswd file of users (default: <path>/.htpasswd)."],
+    ]
+    optFlags = [
+        ["tls", None, "Turn TLS on with <path>/public_key and <path>/private_key (rest-server's layout)."],
+        ["no-http2", None, "Do not offer HTTP/2 (ALPN h2) on TLS listeners."],
+        ["no-auth", None, "Serve without authentication."],
+        ["no-verify-upload", None, "Do not check that an upload's sha256 matches its name."],
+        ["group-accessible-repos", None, "Create files 0660 and directories 0770 instead of 0600/0700."],
+        ["allow-repo-delete", None, "Allow DELETE of a whole repository."],
+        ["debug", None, "Log every request."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, value: str) -> None:
+        """
+        Endpoint to listen on, repeatable: tcp:8000:interface=::1,
+        unix:/run/resticd.sock, systemd:domain=INET6:index=0, :8000 or
+        host:port (default: tcp:8000).
+        """
+        try:
+            self["listen"].append(endpoint_description(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--listen: {e}") from None
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"resticd {__version__}")
+        sys.exit(0)
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"resticd: error: {e} (see twistd resticd --help)") from None
+
+    def postOptions(self) -> None:
+        self.config = config_from(self)
+
+
+def _fail(message: str) -> usage.UsageError:
+    return usage.UsageError(message)
+
+
+def config_from(options: usage.Options) -> Config:
+    """
+    The checked L{Config} of parsed options.
+
+    @raise usage.UsageError: with a one-line reason when a value is unusable.
+    """
+    if not options["path"]:
+        raise _fail("--path is required: the directory that holds the repositories")
+    path = os.path.abspath(options["path"])
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _fail(f"--path {path}: not a directory")
+    if options["tls-min-version"] not in MIN_VERSIONS:
+        raise _fail(f"--tls-min-version must be one of {', '.join(MIN_VERSIONS)}")
+    cert, key = options["tls-cert"], options["tls-key"]
+    if options["tls"]:
+        cert = cert or os.path.join(path, "public_key")
+        key = key or os.path.join(path, "private_key")
+    elif cert or key:
+        cert = cert or key
+        key = key or cert
+    for flag, value in (("--tls-cert", cert), ("--tls-key", key)):
+        if value is not None and not os.access(value, os.R_OK):
+            raise _fail(f"{flag} {value}: not a readable file")
+    htpasswd = None
+    if not options["no-auth"]:
+        htpasswd = os.path.abspath(options["htpasswd-file"] or os.path.join(path, ".htpasswd"))
+        if not os.access(htpasswd, os.R_OK):
+            raise _fail(
+                f"no readable htpasswd file at {htpasswd}: create one "
+                "(htpasswd -B -c FILE USER), name it with --htpasswd-file, or run with --no-auth"
+            )
+    return Config(
+        path=path,
+        listen=tuple(options["listen"]) or ("tcp:8000",),
+        tls_cert=os.path.abspath(cert) if cert else None,
+        tls_key=os.path.abspath(key) if key else None,
+        tls_min_version=options["tls-min-version"],
+        http2=not options["no-http2"],
+        htpasswd_file=htpasswd,
+        verify_upload=not options["no-verify-upload"],
+        group_accessible=bool(options["group-accessible-repos"]),
+        allow_repo_delete=bool(options["allow-repo-delete"]),
+        debug=bool(options["debug"]),
+    )
+
+
+def makeService(options: Options) -> IService:
+    """
+    The daemon's service for parsed C{options}.
+    """
+    from twisted.internet import reactor
+
+    from .service import ResticdService
+
+    return ResticdService(options.config, reactor)

@@ -1,0 +1,60 @@
+"""
+TLS: certificates and keys from PEM files, and the server options built from
+them.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL.crypto import X509, PKey
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+#: The --tls-min-version values and what they mean.
+MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+
+class TLSConfigError(Exception):
+    """
+    The certificate or key cannot be used; the message says why.
+    """
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"cannot read {path}: {e.strerror}") from None
+
+
+def server_options(cert_path: str, key_path: str, min_version: str = "1.2") -> CertificateOptions:
+    """
+    TLS server options from a PEM certificate file (the server certificate
+    first, then any intermediates) and a PEM key file (which may be the same
+    file).
+
+    @raise TLSConfigError: when a file is unreadable, holds no certificate or
+        key, or the key does not belong to the certificate.
+    """
+    cert_data = _read(cert_path)
+    key_data = cert_data if key_path == cert_path else _read(key_path)
+    try:
+        chain = x509.load_pem_x509_certificates(cert_data)
+    except ValueError:
+        raise TLSConfigError(f"{cert_path}: no PEM certificate found") from None
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSConfigError(f"{key_path}: no usable unencrypted PEM private key ({e})") from None
+    options = CertificateOptions(
+        privateKey=PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        certificate=X509.from_cryptography(chain[0]),
+        extraCertChain=[X509.from_cryptography(c) for c in chain[1:]],
+        raiseMinimumTo=MIN_VERSIONS[min_version],
+    )
+    try:
+        options.getContext()
+    except Exception as e:
+        raise TLSConfigError(f"{key_path} does not match {cert_path}: {e}") from None
+    return options

@@ -1,0 +1,28 @@
+"""
+Fixtures shared by the test suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from .web import Server, make_server
+
+
+@pytest.fixture
+def server(tmp_path) -> Server:
+    """
+    An open (no authentication) server over an empty data directory, its
+    blocking work done inline.
+    """
+    return make_server(str(tmp_path / "data"))
+
+
+@pytest_twisted.async_fixture
+async def repo(server: Server) -> Server:
+    """
+    The same server with a repository C{/r/} created.
+    """
+    assert (await server.client.post("/r/?create=true")).code == 200
+    return server

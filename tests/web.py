@@ -1,0 +1,173 @@
+"""
+Driving the real L{ResticSite} in memory: treq's request traversal agent with
+our site (its request factory, spool and protocol negotiation) in place of a
+plain L{Site}, and helpers to get results out of already-fired Deferreds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from treq.client import HTTPClient
+from treq.response import _Response
+from treq.testing import RequestTraversalAgent, _SynchronousProducer
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from resticd.auth import Authenticator
+from resticd.config import Config
+from resticd.paths import Layout
+from resticd.service import make_site, make_store
+from resticd.site import ResticSite
+from resticd.store import Store
+from resticd.threads import Runner, run_inline
+
+V2 = "application/vnd.x.restic.rest.v2"
+#: How many reactor turns a request may take in memory before a test fails.
+PUMP_LIMIT = 10_000
+
+
+def result(d: Deferred[Any]) -> Any:
+    """
+    The result of a Deferred that must have fired already.
+    """
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+class _SiteAgent(RequestTraversalAgent):  # type: ignore[misc]
+    def __init__(self, site: ResticSite) -> None:
+        super().__init__(site.resource)
+        self._serverFactory = site
+
+
+@dataclass
+class Reply:
+    """
+    A finished response: status, headers (lower-case names, first value) and
+    the whole body.
+    """
+
+    code: int
+    headers: dict[str, str]
+    body: bytes
+    #: The Content-Length the server sent (None when it sent none).
+    length: int | None = None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class SiteClient:
+    """
+    Synchronous requests against a L{ResticSite} in memory.
+    """
+
+    def __init__(self, site: ResticSite) -> None:
+        self.site = site
+        self.agent = _SiteAgent(site)
+        self.http = HTTPClient(agent=self.agent, data_to_body_producer=_SynchronousProducer)
+
+    async def _pumped(self, d: Deferred[Any]) -> Any:
+        """
+        Move bytes between client and server, letting the reactor run (file
+        producers are driven by the global cooperator) until C{d} fires.
+        """
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        for _ in range(PUMP_LIMIT):
+            self.agent.flush()
+            if outcome:
+                break
+            await deferLater(reactor, 0, lambda: None)
+        assert outcome, "no answer"
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        return outcome[0]
+
+    async def request(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
+        """
+        Send one request and return its complete reply; C{headers} use
+        underscores for dashes (C{content_type="..."}).
+        """
+        hdrs = {k.replace("_", "-").title(): [v] for k, v in headers.items()}
+        d = self.http.request(method, "http://resticd.test" + path, data=body, headers=hdrs)
+        response: _Response = await self._pumped(d)
+        raw = await self._pumped(response.content())
+        length = response.length if isinstance(response.length, int) else None
+        if method == "HEAD":
+            declared = response.headers.getRawHeaders("content-length")
+            length = int(declared[0]) if declared else None
+        return Reply(
+            response.code,
+            {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()},
+            raw,
+            length,
+        )
+
+    async def get(self, path: str, **headers: str) -> Reply:
+        return await self.request("GET", path, **headers)
+
+    async def head(self, path: str, **headers: str) -> Reply:
+        return await self.request("HEAD", path, **headers)
+
+    async def post(self, path: str, body: bytes = b"", **headers: str) -> Reply:
+        return await self.request("POST", path, body, **headers)
+
+    async def delete(self, path: str, **headers: str) -> Reply:
+        return await self.request("DELETE", path, **headers)
+
+
+def name_of(body: bytes) -> str:
+    """
+    The object name restic gives C{body}: its sha256 in hex.
+    """
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclass
+class Server:
+    """
+    A site over a data directory, with the store and a client for it.
+    """
+
+    config: Config
+    store: Store
+    site: ResticSite
+    client: SiteClient
+    reactor: MemoryReactorClock
+
+    @property
+    def layout(self) -> Layout:
+        return self.store.layout
+
+    def spool_files(self) -> list[str]:
+        return os.listdir(self.layout.spool_dir())
+
+
+def make_server(
+    root: str,
+    run: Runner = run_inline,
+    authenticator: Authenticator | None = None,
+    **overrides: Any,
+) -> Server:
+    """
+    A prepared data directory at C{root} served by a site configured like
+    C{Config(path=root, **overrides)}, its blocking work run by C{run}.
+    """
+    config = replace(Config(path=root), **overrides)
+    store = make_store(config)
+    store.prepare_root()
+    reactor = MemoryReactorClock()
+    site = make_site(config, store, run, authenticator, reactor)
+    return Server(config, store, site, SiteClient(site), reactor)
