@@ -134,18 +134,22 @@ class ApiResource(resource.Resource):
         return NOT_FOUND
 
 
-class NotFoundResource(resource.Resource):
+class ErrorResource(resource.Resource):
     """
-    404 for any method and any path below.
+    The same error for any method and any path below.
     """
 
     isLeaf = True
 
+    def __init__(self, error: ResticdError) -> None:
+        super().__init__()
+        self.error = error
+
     def render(self, request: server.Request) -> bytes:
-        return error_body(request, NotFound("not found"))
+        return error_body(request, self.error)
 
 
-NOT_FOUND = NotFoundResource()
+NOT_FOUND = ErrorResource(NotFound("not found"))
 
 
 class RepoResource(ApiResource):
@@ -275,6 +279,7 @@ class BlobFile(static.File):
     """
 
     childNotFound = NOT_FOUND  # type: ignore[assignment]
+    forbidden = ErrorResource(ResticdError("cannot read the stored object"))  # type: ignore[assignment]
 
     def __init__(self, path: str) -> None:
         super().__init__(path, defaultType="application/octet-stream")
@@ -359,7 +364,12 @@ class StoredFile(ApiResource):
         except BaseException:
             spool.discard()
             raise
-        stored = await self.ctx.run(self.ctx.store.publish, spool, self.repo, self.kind, self.name)
+        try:
+            stored = await self.ctx.run(self.ctx.store.publish, spool, self.repo, self.kind, self.name)
+        finally:
+            # publish removes it in every case; this covers a failure to run
+            # publish at all. The worker is done with the file by now.
+            spool.discard()
         log.debug(
             "{what} {kind}/{name} in {repo} ({size} bytes)",
             what="saved" if stored else "kept identical",

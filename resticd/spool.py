@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 from io import BytesIO
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.web import server
 
@@ -123,6 +123,11 @@ class SpoolingRequest(server.Request):
 
     spool_file: SpoolFile | None = None
     spool_error: OSError | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The body is never a form: keep twisted.web from parsing it.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()

@@ -45,7 +45,7 @@ def result(d: Deferred[Any]) -> Any:
     return outcome[0]
 
 
-class _SiteAgent(RequestTraversalAgent):  # type: ignore[misc]
+class _SiteAgent(RequestTraversalAgent):
     def __init__(self, site: ResticSite) -> None:
         super().__init__(site.resource)
         self._serverFactory = site
@@ -100,7 +100,9 @@ class SiteClient:
         Send one request and return its complete reply; C{headers} use
         underscores for dashes (C{content_type="..."}).
         """
-        hdrs = {k.replace("_", "-").title(): [v] for k, v in headers.items()}
+        hdrs: dict[bytes | str, list[bytes | str]] = {
+            k.replace("_", "-").title(): [v] for k, v in headers.items()
+        }
         d = self.http.request(method, "http://resticd.test" + path, data=body, headers=hdrs)
         response: _Response = await self._pumped(d)
         raw = await self._pumped(response.content())
@@ -116,16 +118,16 @@ class SiteClient:
         )
 
     async def get(self, path: str, **headers: str) -> Reply:
-        return await self.request("GET", path, **headers)
+        return await self.request("GET", path, None, **headers)
 
     async def head(self, path: str, **headers: str) -> Reply:
-        return await self.request("HEAD", path, **headers)
+        return await self.request("HEAD", path, None, **headers)
 
     async def post(self, path: str, body: bytes = b"", **headers: str) -> Reply:
         return await self.request("POST", path, body, **headers)
 
     async def delete(self, path: str, **headers: str) -> Reply:
-        return await self.request("DELETE", path, **headers)
+        return await self.request("DELETE", path, None, **headers)
 
 
 def name_of(body: bytes) -> str:

@@ -1,0 +1,427 @@
+"""
+Every endpoint of restic's REST protocol and every status code it answers,
+through the real site and request objects, in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest_twisted
+
+from .web import V2, Server, make_server, name_of
+
+ensure = pytest_twisted.ensureDeferred
+
+PLAIN = "text/plain; charset=utf-8"
+
+
+def stored(server: Server, *parts: str) -> str:
+    return os.path.join(server.layout.root, *parts)
+
+
+# -- repositories ----------------------------------------------------------
+
+
+@ensure
+async def test_create_makes_restics_layout(server: Server) -> None:
+    """
+    C{POST /r/?create=true} answers 200 and creates the type directories and
+    the 256 data fan-out directories.
+    """
+    reply = await server.client.post("/r/?create=true")
+    assert reply.code == 200
+    for kind in ("data", "keys", "locks", "snapshots", "index"):
+        assert os.path.isdir(stored(server, "r", kind))
+    assert sorted(os.listdir(stored(server, "r", "data"))) == [f"{i:02x}" for i in range(256)]
+    assert not os.path.exists(stored(server, "r", "config"))
+
+
+@ensure
+async def test_create_is_idempotent_until_there_is_a_config(server: Server) -> None:
+    """
+    Creating again answers 200 while the repository has no config (restic's
+    init may retry), and 409 once it has one.
+    """
+    client = server.client
+    assert (await client.post("/r/?create=true")).code == 200
+    assert (await client.post("/r?create=true")).code == 200
+    assert (await client.post("/r/config", b"cfg")).code == 200
+    reply = await client.post("/r/?create=true")
+    assert reply.code == 409
+    assert reply.header("content-type") == PLAIN
+
+
+@ensure
+async def test_create_needs_create_true(server: Server) -> None:
+    """
+    A POST on a repository without C{create=true} is a bad request and
+    creates nothing.
+    """
+    for query in ("", "?create=false", "?create=1", "?create=true&create=true", "?other=true"):
+        reply = await server.client.post("/r/" + query)
+        assert reply.code == 400, query
+    assert not os.path.exists(stored(server, "r"))
+
+
+@ensure
+async def test_root_and_nested_repositories(server: Server) -> None:
+    """
+    The root, one-level and two-level paths are repositories; a third level
+    is not found.
+    """
+    client = server.client
+    assert (await client.post("/?create=true")).code == 200
+    assert os.path.isdir(stored(server, "keys"))
+    assert (await client.post("/a/b/?create=true")).code == 200
+    assert os.path.isdir(stored(server, "a", "b", "keys"))
+    assert (await client.post("/a/b/c/?create=true")).code == 404
+    assert not os.path.exists(stored(server, "a", "b", "c"))
+
+
+@ensure
+async def test_invalid_repository_names_are_not_found(server: Server) -> None:
+    """
+    Hidden names (the spool), C{-}, C{..} in every encoding and separators
+    smuggled in as C{%2F} or C{%5C} name no repository.
+    """
+    for path in ("/.spool/", "/-/", "/../", "/%2e%2e/", "/a%2Fb/", "/a%5Cb/", "/a%00/", "/%ff/"):
+        reply = await server.client.post(path + "?create=true")
+        assert reply.code == 404, path
+    assert sorted(os.listdir(server.layout.root)) == [".spool"]
+
+
+@ensure
+async def test_repository_delete_is_refused_by_default(repo: Server) -> None:
+    """
+    Without C{--allow-repo-delete}, C{DELETE /r/} answers 403 and the
+    repository stays.
+    """
+    assert (await repo.client.post("/r/config", b"cfg")).code == 200
+    reply = await repo.client.delete("/r/")
+    assert reply.code == 403
+    assert os.path.exists(stored(repo, "r", "config"))
+
+
+@ensure
+async def test_repository_delete_leaves_nested_repositories(tmp_path) -> None:
+    """
+    With C{--allow-repo-delete}, deleting a repository removes its config and
+    objects but never a repository nested below it; deleting C{/} removes
+    only the root repository's own files.
+    """
+    server = make_server(str(tmp_path / "d"), allow_repo_delete=True)
+    client = server.client
+    body = b"object"
+    for repo in ("/", "/a/", "/a/b/"):
+        assert (await client.post(repo + "?create=true")).code == 200
+        assert (await client.post(repo + "config", b"cfg")).code == 200
+        assert (await client.post(f"{repo}data/{name_of(body)}", body)).code == 200
+    assert (await client.delete("/a/")).code == 200
+    assert not os.path.exists(stored(server, "a", "config"))
+    assert not os.path.exists(stored(server, "a", "data"))
+    assert os.path.exists(stored(server, "a", "b", "config"))
+    assert (await client.head(f"/a/b/data/{name_of(body)}")).code == 200
+    assert (await client.delete("/")).code == 200
+    assert sorted(os.listdir(server.layout.root)) == [".spool", "a"]
+    assert (await client.head("/a/b/config")).code == 200
+    assert (await client.delete("/nothere/")).code == 404
+
+
+# -- config ------------------------------------------------------------------
+
+
+@ensure
+async def test_config_lifecycle(repo: Server) -> None:
+    """
+    The config can be saved once, read whole or by range with exact
+    lengths, and deleted; a different config cannot replace it.
+    """
+    client = repo.client
+    assert (await client.head("/r/config")).code == 404
+    assert (await client.get("/r/config")).code == 404
+    config = b"not a hash-named file"
+    assert (await client.post("/r/config", config)).code == 200
+    head = await client.head("/r/config")
+    assert head.code == 200 and head.length == len(config)
+    assert head.body == b""
+    whole = await client.get("/r/config", range="bytes=0-")
+    assert (whole.code, whole.body) == (206, config)
+    assert (await client.post("/r/config", config)).code == 200
+    assert (await client.post("/r/config", b"another")).code == 403
+    assert (await client.get("/r/config")).body == config
+    assert (await client.delete("/r/config")).code == 200
+    assert (await client.head("/r/config")).code == 404
+    assert (await client.delete("/r/config")).code == 200
+
+
+# -- listings ----------------------------------------------------------------
+
+
+@ensure
+async def test_listing_v1_and_v2(repo: Server) -> None:
+    """
+    A type listing is a JSON array of names (v1) or of names with exact sizes
+    (v2, only for restic's exact Accept value), with the matching media type
+    and no parameters.
+    """
+    client = repo.client
+    bodies = [b"one", b"two two", b""]
+    for body in bodies:
+        assert (await client.post(f"/r/snapshots/{name_of(body)}", body)).code == 200
+    v1 = await client.get("/r/snapshots/")
+    assert v1.code == 200
+    assert v1.header("content-type") == "application/vnd.x.restic.rest.v1"
+    assert sorted(json.loads(v1.body)) == sorted(name_of(b) for b in bodies)
+    v2 = await client.get("/r/snapshots/", accept=V2)
+    assert v2.header("content-type") == "application/vnd.x.restic.rest.v2"
+    listed = {e["name"]: e["size"] for e in json.loads(v2.body)}
+    assert listed == {name_of(b): len(b) for b in bodies}
+
+
+@ensure
+async def test_data_listing_spans_fanout_dirs(repo: Server) -> None:
+    """
+    The data listing includes objects from every C{data/xx/} directory and
+    nothing that is not a valid object (stray or temporary files).
+    """
+    client = repo.client
+    bodies = [f"blob {i}".encode() for i in range(40)]
+    for body in bodies:
+        assert (await client.post(f"/r/data/{name_of(body)}", body)).code == 200
+    with open(stored(repo, "r", "data", "00", "tmp-upload-123"), "wb") as f:
+        f.write(b"partial")
+    os.mkdir(stored(repo, "r", "data", "00", "0" * 64))
+    reply = await client.get("/r/data/", accept=V2)
+    listed = {e["name"]: e["size"] for e in json.loads(reply.body)}
+    assert listed == {name_of(b): len(b) for b in bodies}
+
+
+@ensure
+async def test_missing_listings_are_empty(server: Server) -> None:
+    """
+    A type directory that does not exist (or a repository that does not)
+    lists as C{200 []}, as restic 0.14 requires.
+    """
+    assert (await server.client.post("/r/?create=true")).code == 200
+    os.rmdir(stored(server, "r", "locks"))
+    for path in ("/r/locks/", "/nope/keys/", "/r/data/"):
+        reply = await server.client.get(path, accept=V2)
+        assert (reply.code, json.loads(reply.body)) == (200, []), path
+
+
+@ensure
+async def test_listing_without_slash_is_not_redirected(repo: Server) -> None:
+    """
+    C{GET /r/keys} lists like C{/r/keys/}; the server never redirects.
+    """
+    reply = await repo.client.get("/r/keys")
+    assert reply.code == 200
+    assert json.loads(reply.body) == []
+
+
+# -- objects -----------------------------------------------------------------
+
+
+@ensure
+async def test_object_roundtrip(repo: Server) -> None:
+    """
+    An uploaded object is stored under restic's layout and answers HEAD with
+    its size, GET whole and by range, and DELETE.
+    """
+    client = repo.client
+    body = os.urandom(100_000)
+    name = name_of(body)
+    assert (await client.post(f"/r/data/{name}", body)).code == 200
+    with open(stored(repo, "r", "data", name[:2], name), "rb") as f:
+        assert f.read() == body
+    head = await client.head(f"/r/data/{name}")
+    assert (head.code, head.length, head.body) == (200, len(body), b"")
+    assert head.header("content-type") == "application/octet-stream"
+    whole = await client.get(f"/r/data/{name}", range="bytes=0-")
+    assert (whole.code, whole.body) == (206, body)
+    assert whole.header("content-range") == f"bytes 0-{len(body) - 1}/{len(body)}"
+    plain = await client.get(f"/r/data/{name}")
+    assert (plain.code, plain.body) == (200, body)
+    assert (await client.delete(f"/r/data/{name}")).code == 200
+    assert (await client.head(f"/r/data/{name}")).code == 404
+    assert not os.path.exists(stored(repo, "r", "data", name[:2], name))
+
+
+@ensure
+async def test_ranges(repo: Server) -> None:
+    """
+    Ranges are inclusive, an end beyond the file is clipped, a start beyond
+    it is 416 with C{Content-Range: bytes */size}.
+    """
+    client = repo.client
+    body = bytes(range(256)) * 4
+    name = name_of(body)
+    assert (await client.post(f"/r/index/{name}", body)).code == 200
+    piece = await client.get(f"/r/index/{name}", range="bytes=10-19")
+    assert (piece.code, piece.body, piece.length) == (206, body[10:20], 10)
+    assert piece.header("content-range") == f"bytes 10-19/{len(body)}"
+    clipped = await client.get(f"/r/index/{name}", range="bytes=1000-5000")
+    assert (clipped.code, clipped.body) == (206, body[1000:])
+    beyond = await client.get(f"/r/index/{name}", range=f"bytes={len(body)}-")
+    assert beyond.code == 416
+    assert beyond.header("content-range") == f"bytes */{len(body)}"
+
+
+@ensure
+async def test_empty_object_reads_as_empty_200(repo: Server) -> None:
+    """
+    An empty object read with C{Range: bytes=0-} (how restic reads whole
+    files) answers 200 with an empty body, not 416.
+    """
+    name = name_of(b"")
+    assert (await repo.client.post(f"/r/keys/{name}", b"")).code == 200
+    reply = await repo.client.get(f"/r/keys/{name}", range="bytes=0-")
+    assert (reply.code, reply.body, reply.length) == (200, b"", 0)
+    head = await repo.client.head(f"/r/keys/{name}")
+    assert (head.code, head.length) == (200, 0)
+
+
+@ensure
+async def test_missing_objects_are_plain_404(repo: Server) -> None:
+    """
+    HEAD and GET of a missing object answer 404 in plain text, never an
+    HTML page.
+    """
+    name = "0" * 64
+    for method in ("GET", "HEAD"):
+        reply = await repo.client.request(method, f"/r/data/{name}", range="bytes=0-")
+        assert reply.code == 404
+        assert reply.header("content-type") == PLAIN
+
+
+@ensure
+async def test_delete_of_missing_object_is_ok(repo: Server) -> None:
+    """
+    Deleting an object that is not there answers 200 (restic deletes before
+    retrying an upload, and prune must not fail on it).
+    """
+    assert (await repo.client.delete(f"/r/locks/{'1' * 64}")).code == 200
+
+
+@ensure
+async def test_invalid_object_names_touch_nothing(repo: Server) -> None:
+    """
+    Names that are not 64 lowercase hex digits are 404 for every method and
+    create nothing.
+    """
+    before = sorted(os.walk(repo.layout.root))
+    for name in ("A" * 64, "a" * 63, "a" * 65, "..", "%2e%2e", "config", "a" * 64 + "%00"):
+        for method in ("GET", "HEAD", "POST", "DELETE"):
+            reply = await repo.client.request(method, f"/r/data/{name}", b"x" if method == "POST" else None)
+            assert reply.code == 404, (method, name)
+    assert sorted(os.walk(repo.layout.root)) == before
+
+
+@ensure
+async def test_upload_must_match_its_name(repo: Server) -> None:
+    """
+    An upload whose sha256 is not its name is a bad request and leaves
+    nothing behind, neither under the name nor in the spool.
+    """
+    name = name_of(b"the real content")
+    reply = await repo.client.post(f"/r/data/{name}", b"something else")
+    assert reply.code == 400
+    assert (await repo.client.head(f"/r/data/{name}")).code == 404
+    assert repo.spool_files() == []
+
+
+@ensure
+async def test_no_verify_upload_accepts_any_body(tmp_path) -> None:
+    """
+    With C{--no-verify-upload} the body is stored without checking its hash.
+    """
+    server = make_server(str(tmp_path / "d"), verify_upload=False)
+    assert (await server.client.post("/r/?create=true")).code == 200
+    name = "f" * 64
+    assert (await server.client.post(f"/r/data/{name}", b"whatever")).code == 200
+    assert (await server.client.get(f"/r/data/{name}")).body == b"whatever"
+
+
+@ensure
+async def test_upload_into_missing_repository_is_404(server: Server) -> None:
+    """
+    Uploading into a repository that was never created answers 404 and
+    creates no directories.
+    """
+    body = b"x"
+    reply = await server.client.post(f"/nope/data/{name_of(body)}", body)
+    assert reply.code == 404
+    assert sorted(os.listdir(server.layout.root)) == [".spool"]
+    assert server.spool_files() == []
+
+
+@ensure
+async def test_wrong_methods_are_405_with_allow(repo: Server) -> None:
+    """
+    Methods a resource does not answer get 405 and an C{Allow} header that
+    lists the ones it does.
+    """
+    cases = {
+        "/r/": ("GET", "DELETE, POST"),
+        "/r/data/": ("POST", "GET, HEAD"),
+        f"/r/data/{'a' * 64}": ("PUT", "DELETE, GET, HEAD, POST"),
+        "/r/config": ("PATCH", "DELETE, GET, HEAD, POST"),
+    }
+    for path, (method, allow) in cases.items():
+        reply = await repo.client.request(method, path)
+        assert reply.code == 405, path
+        assert reply.header("allow") == allow, path
+        assert reply.header("content-type") == PLAIN
+
+
+@ensure
+async def test_unknown_paths_are_404(repo: Server) -> None:
+    """
+    Paths below an object, below the config, or past the nesting limit are
+    not found.
+    """
+    for path in (f"/r/data/{'a' * 64}/x", "/r/config/x", "/r/data/ab/", "/r/x/y/z"):
+        assert (await repo.client.get(path)).code == 404, path
+
+
+# -- containment -------------------------------------------------------------
+
+
+@ensure
+async def test_symlinks_do_not_lead_out_of_the_root(tmp_path) -> None:
+    """
+    A symbolic link planted in the data directory that points outside it is
+    never followed: reads are 404 and writes store nothing outside.
+    """
+    outside = tmp_path / "outside"
+    for kind in ("keys", "data"):
+        (outside / kind).mkdir(parents=True)
+    (outside / "config").write_bytes(b"secret")
+    server = make_server(str(tmp_path / "d"))
+    os.symlink(outside, stored(server, "evil"))
+    client = server.client
+    assert (await client.get("/evil/config")).code == 404
+    assert (await client.head("/evil/config")).code == 404
+    body = b"key"
+    assert (await client.post(f"/evil/keys/{name_of(body)}", body)).code == 404
+    assert (await client.post("/evil/?create=true")).code == 404
+    assert (await client.get("/evil/keys/")).code == 404
+    assert sorted(os.listdir(outside / "keys")) == []
+    assert (await client.delete("/evil/config")).code == 404
+    assert (outside / "config").read_bytes() == b"secret"
+
+
+@ensure
+async def test_symlinked_object_is_not_served(repo: Server, tmp_path) -> None:
+    """
+    An object file that is a symbolic link to a file outside the root is not
+    served.
+    """
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    name = "b" * 64
+    os.symlink(secret, stored(repo, "r", "keys", name))
+    assert (await repo.client.get(f"/r/keys/{name}")).code == 404
+    assert (await repo.client.head(f"/r/keys/{name}")).code == 404

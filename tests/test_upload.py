@@ -1,0 +1,297 @@
+"""
+The upload path: bodies streamed into the spool and hashed on the way in,
+published durably and write-once, and nothing left behind on any failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from io import BytesIO
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+
+from resticd.errors import Forbidden
+from resticd.spool import Spool, SpoolFile, SpoolingRequest
+from resticd.store import Store
+from resticd.threads import run_inline
+
+from .web import Server, make_server, name_of
+
+ensure = pytest_twisted.ensureDeferred
+
+
+def open_request(server: Server) -> tuple[SpoolingRequest, StringTransport]:
+    """
+    A request on a real HTTP channel of the server's site, to be fed by hand
+    as a channel would (headers, then body chunks, then the request line).
+    """
+    channel = HTTPChannel()
+    channel.site = server.site  # type: ignore[attr-defined]
+    channel.requestFactory = server.site.requestFactory
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
+    channel.makeConnection(transport)
+    request = SpoolingRequest(channel)
+    channel.requests.append(request)
+    return request, transport
+
+
+def test_body_streams_into_the_spool_and_is_hashed(server: Server) -> None:
+    """
+    A request body is written to a spool file under the data directory as it
+    arrives (nothing is buffered in memory or C{$TMPDIR}), hashed on the way,
+    and the file is removed when the connection is lost.
+    """
+    request, _ = open_request(server)
+    body = os.urandom(300_000)
+    request.gotLength(len(body))
+    for i in range(0, len(body), 65536):
+        request.handleContentChunk(body[i : i + 65536])
+    spool = request.spool_file
+    assert spool is not None
+    assert os.path.dirname(spool.path) == server.layout.spool_dir()
+    with open(spool.path, "rb") as f:
+        assert f.read() == body
+    assert spool.hexdigest() == name_of(body)
+    assert isinstance(request.content, BytesIO) and request.content.getvalue() == b""
+    request.connectionLost(Failure(ConnectionError("client went away")))
+    assert server.spool_files() == []
+
+
+def test_empty_body_makes_no_spool_file(server: Server) -> None:
+    """
+    Requests without a body (most of them) cost no spool file.
+    """
+    request, _ = open_request(server)
+    request.gotLength(0)
+    assert request.spool_file is None
+    assert server.spool_files() == []
+
+
+@ensure
+async def test_body_shorter_than_content_length_is_400(repo: Server) -> None:
+    """
+    A body that ends before its declared Content-Length (a stream ended
+    early) is a bad request and nothing is stored, even when the bytes that
+    did arrive hash to the name.
+    """
+    body = b"0123456789" * 10
+    name = name_of(body[:50])
+    request, transport = open_request(repo)
+    request.requestHeaders.setRawHeaders(b"content-length", [b"100"])
+    request.gotLength(100)
+    request.handleContentChunk(body[:50])
+    request.requestReceived(b"POST", f"/r/data/{name}".encode(), b"HTTP/1.1")
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert (await repo.client.head(f"/r/data/{name}")).code == 404
+    assert repo.spool_files() == []
+
+
+@ensure
+async def test_identical_reupload_keeps_the_stored_file(repo: Server) -> None:
+    """
+    Uploading an object that exists with the same content (a retry after a
+    lost answer) answers 200 and keeps the stored file untouched.
+    """
+    body = b"pack contents"
+    name = name_of(body)
+    path = repo.layout.object_path(("r",), "data", name)
+    assert (await repo.client.post(f"/r/data/{name}", body)).code == 200
+    before = os.stat(path)
+    assert (await repo.client.post(f"/r/data/{name}", body)).code == 200
+    after = os.stat(path)
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert repo.spool_files() == []
+
+
+@ensure
+async def test_different_reupload_is_403(tmp_path) -> None:
+    """
+    Uploading different content under an existing name is refused with 403
+    and the stored object is unchanged (seen with --no-verify-upload, the
+    only way such an upload passes verification).
+    """
+    server = make_server(str(tmp_path / "d"), verify_upload=False)
+    assert (await server.client.post("/r/?create=true")).code == 200
+    name = "c" * 64
+    assert (await server.client.post(f"/r/data/{name}", b"first")).code == 200
+    reply = await server.client.post(f"/r/data/{name}", b"second")
+    assert reply.code == 403
+    assert (await server.client.get(f"/r/data/{name}")).body == b"first"
+    assert server.spool_files() == []
+
+
+class FullDiskSpoolFile(SpoolFile):
+    """A spool file on a disk that fills up after C{room} bytes."""
+
+    room = 10
+
+    def write(self, data: bytes) -> None:
+        if self.size + len(data) > self.room:
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            return
+        super().write(data)
+
+
+class FullDiskSpool(Spool):
+    def open(self) -> SpoolFile:
+        return FullDiskSpoolFile(self.directory, self.mode)
+
+
+@ensure
+async def test_disk_full_while_receiving_is_507(repo: Server) -> None:
+    """
+    When the disk fills while the body is written, the upload answers 507
+    (restic's "insufficient storage", final) and leaves nothing behind.
+    """
+    repo.site.spool = FullDiskSpool(repo.layout.spool_dir())
+    body = b"x" * 100
+    reply = await repo.client.post(f"/r/data/{name_of(body)}", body)
+    assert reply.code == 507
+    assert (await repo.client.head(f"/r/data/{name_of(body)}")).code == 404
+    assert repo.spool_files() == []
+
+
+@ensure
+async def test_disk_full_while_publishing_is_507(tmp_path) -> None:
+    """
+    When fsync or link fails for lack of space, the upload answers 507 and
+    neither the object nor its spool file remains.
+    """
+
+    def full_disk(f: Any, *args: Any) -> Deferred[Any]:
+        if getattr(f, "__name__", "") == "publish":
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
+        return run_inline(f, *args)
+
+    server = make_server(str(tmp_path / "d"), run=full_disk)
+    assert (await server.client.post("/r/?create=true")).code == 200
+    body = b"y" * 100
+    reply = await server.client.post(f"/r/data/{name_of(body)}", body)
+    assert reply.code == 507
+    assert (await server.client.head(f"/r/data/{name_of(body)}")).code == 404
+    assert server.spool_files() == []
+
+
+@ensure
+async def test_server_fault_is_plain_500(tmp_path) -> None:
+    """
+    An unexpected failure answers 500 in plain text, without a traceback.
+    """
+
+    def broken(f: Any, *args: Any) -> Deferred[Any]:
+        return fail(RuntimeError("boom"))
+
+    server = make_server(str(tmp_path / "d"), run=broken)
+    reply = await server.client.post("/r/?create=true")
+    assert reply.code == 500
+    assert b"boom" not in reply.body and b"Traceback" not in reply.body
+
+
+def test_spool_clean_removes_crash_leftovers(tmp_path) -> None:
+    """
+    Spool files left by a crash are removed by the startup cleanup.
+    """
+    spool = Spool(str(tmp_path))
+    leftovers = [spool.open() for _ in range(3)]
+    for f in leftovers:
+        f.write(b"partial")
+    assert spool.clean() == 3
+    assert os.listdir(tmp_path) == []
+
+
+def test_spool_modes(tmp_path) -> None:
+    """
+    Spool files are created 0600, or 0660 with group-accessible repositories.
+    """
+    assert os.stat(Spool(str(tmp_path)).open().path).st_mode & 0o777 == 0o600
+    assert os.stat(Spool(str(tmp_path), 0o660).open().path).st_mode & 0o777 == 0o660
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    from resticd.paths import Layout
+
+    store = Store(Layout(str(tmp_path / "d")))
+    store.prepare_root()
+    store.create_repo(("r",))
+    return store
+
+
+def spooled(store: Store, body: bytes) -> SpoolFile:
+    spool = Spool(store.layout.spool_dir()).open()
+    spool.write(body)
+    return spool
+
+
+def test_concurrent_identical_uploads_store_one_file(store: Store) -> None:
+    """
+    The same object uploaded by many clients at once ends as one correct
+    file; every upload succeeds; no spool file remains.
+    """
+    body = os.urandom(50_000)
+    name = name_of(body)
+    spools = [spooled(store, body) for _ in range(20)]
+    outcomes: list[bool] = []
+    threads = [threading.Thread(target=lambda s=s: outcomes.append(store.publish(s, ("r",), "data", name))) for s in spools]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == [False] * 19 + [True]
+    with open(store.layout.object_path(("r",), "data", name), "rb") as f:
+        assert f.read() == body
+    assert os.listdir(store.layout.spool_dir()) == []
+
+
+def test_publish_never_replaces(store: Store) -> None:
+    """
+    Publishing different content under an existing name raises Forbidden
+    and keeps the first file.
+    """
+    assert store.publish(spooled(store, b"first"), ("r",), "keys", "d" * 64)
+    with pytest.raises(Forbidden):
+        store.publish(spooled(store, b"other"), ("r",), "keys", "d" * 64)
+    with open(store.layout.object_path(("r",), "keys", "d" * 64), "rb") as f:
+        assert f.read() == b"first"
+    assert os.listdir(store.layout.spool_dir()) == []
+
+
+def test_publish_recreates_missing_fanout_dir(store: Store) -> None:
+    """
+    A missing C{data/xx/} directory is created (durably) on the first upload
+    into it.
+    """
+    body = b"z"
+    name = name_of(body)
+    os.rmdir(os.path.join(store.layout.type_dir(("r",), "data"), name[:2]))
+    assert store.publish(spooled(store, body), ("r",), "data", name)
+    assert os.path.isfile(store.layout.object_path(("r",), "data", name))
+
+
+def test_group_accessible_modes(tmp_path) -> None:
+    """
+    With group-accessible repositories, directories are 0770 and objects
+    0660; otherwise 0700 and 0600.
+    """
+    from resticd.paths import Layout
+    from resticd.store import Modes
+
+    for group, dmode, fmode in ((False, 0o700, 0o600), (True, 0o770, 0o660)):
+        store = Store(Layout(str(tmp_path / str(group))), Modes.for_group(group))
+        store.prepare_root()
+        store.create_repo(("r",))
+        spool = Spool(store.layout.spool_dir(), store.modes.file).open()
+        spool.write(b"k")
+        store.publish(spool, ("r",), "keys", name_of(b"k"))
+        assert os.stat(store.layout.repo_dir(("r",))).st_mode & 0o777 == dmode
+        assert os.stat(store.layout.type_dir(("r",), "data") + "/00").st_mode & 0o777 == dmode
+        assert os.stat(store.layout.object_path(("r",), "keys", name_of(b"k"))).st_mode & 0o777 == fmode
