@@ -170,7 +170,7 @@ class Authenticator:
         """
         try:
             changed = await self.run(self.htpasswd.refresh)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             log.error("cannot reload {path}: {why}; keeping the previous users", path=self.htpasswd.path, why=e)
             return
         if changed:

@@ -25,7 +25,7 @@ from .site import ResticSite
 from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
-from .tls import server_options
+from .tls import TLSConfigError, server_options
 
 log = logger(__name__)
 
@@ -133,7 +133,10 @@ class ResticdService(service.MultiService):
                 self.authenticator.htpasswd.refresh()
             except (OSError, UnicodeDecodeError) as e:
                 raise StartupError(f"cannot read htpasswd file {self.config.htpasswd_file}: {e}") from None
-        factory = self.factory()
+        try:
+            factory = self.factory()
+        except TLSConfigError as e:
+            raise StartupError(str(e)) from None
         for description in self.config.listen:
             self.ports.append(self._listen(description, factory))
 

@@ -16,8 +16,10 @@ from . import __version__
 from .config import Config
 from .tls import MIN_VERSIONS
 
-_ENDPOINT_PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9+]*:")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)\Z")
+#: Twisted's own server endpoint types; C{NAME:PORT} with any other name is a
+#: host and port.
+_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl", "systemd"})
 
 
 def endpoint_description(listen: str) -> str:
@@ -29,14 +31,15 @@ def endpoint_description(listen: str) -> str:
 
     @raise ValueError: for anything else.
     """
+    kind = listen.partition(":")[0]
     match = _HOST_PORT.match(listen)
-    if match:
+    if match and kind not in _ENDPOINT_TYPES:
         host = match.group("v6") or match.group("host")
         port = match.group("port")
         if not host:
             return f"tcp:{port}"
         return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
-    if _ENDPOINT_PREFIX.match(listen):
+    if kind.isidentifier() and ":" in listen:
         return listen
     raise ValueError(f"not an endpoint or host:port: {listen!r}")
 

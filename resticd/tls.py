@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL.crypto import X509, PKey
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 #: The --tls-min-version values and what they mean.
@@ -48,9 +47,11 @@ def server_options(cert_path: str, key_path: str, min_version: str = "1.2") -> C
     except (ValueError, TypeError) as e:
         raise TLSConfigError(f"{key_path}: no usable unencrypted PEM private key ({e})") from None
     options = CertificateOptions(
-        privateKey=PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=X509.from_cryptography(chain[0]),
-        extraCertChain=[X509.from_cryptography(c) for c in chain[1:]],
+        # pyOpenSSL wants cryptography objects now; Twisted's annotations
+        # still name the older pyOpenSSL types.
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=MIN_VERSIONS[min_version],
     )
     try:
