@@ -22,10 +22,11 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .paths import Repo, repo_label
+from .paths import Repo
+from .usage import Limits
 
 
 class Right(enum.Flag):
@@ -276,8 +277,39 @@ class AccessFileSource:
         return True
 
 
-def describe(repo: Repo) -> str:
+class Access:
     """
-    A repository as shown in refusals.
+    The policy in force. With an access file, the policy is replaced whole
+    whenever the file is reloaded; requests in flight keep the one they
+    started with.
     """
-    return repo_label(repo)
+
+    def __init__(self, policy: Policy, max_size: int | None = None, source: AccessFileSource | None = None) -> None:
+        self.policy = policy
+        self.max_size = max_size
+        self.source = source
+
+    def rights(self, user: str | None, repo: Repo) -> Right:
+        """
+        What C{user} may do to C{repo} under the current policy.
+        """
+        return self.policy.rights(user, repo)
+
+    def limits(self) -> Limits:
+        """
+        The storage limits in force: C{--max-size} and the access file's
+        quotas.
+        """
+        access_file = self.policy.access_file
+        if access_file is None:
+            return Limits(self.max_size)
+        return Limits(self.max_size, dict(access_file.user_quotas), access_file.repo_quota)
+
+    def refresh(self) -> bool:
+        """
+        Re-read the access file if it changed (blocking); whether it did.
+        """
+        if self.source is None or not self.source.refresh():
+            return False
+        self.policy = replace(self.policy, access_file=self.source.current)
+        return True

@@ -13,19 +13,28 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.x509.oid import NameOID
 from passlib.context import CryptContext
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from .logs import logger
-from twisted.web import resource, util
+from .logs import client_host, logger
+from twisted.web import util
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
-from .errors import ResticdError, error_body
+from .errors import (
+    BadRequest,
+    ErrorResource,
+    Forbidden,
+    ResticdError,
+    TooManyRequests,
+    Unauthorized,
+)
 from .threads import Runner
 
 log = logger(__name__)
@@ -177,38 +186,118 @@ class Authenticator:
             self._cache.clear()
 
 
-class Unauthorized(ResticdError):
-    """No valid credentials."""
+#: User names from a proxy header or a certificate: what htpasswd allows in a
+#: name that is also safe in logs and as a repository name.
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,127}\Z")
 
-    status = 401
 
-
-class UnauthorizedResource(resource.Resource):
+def is_valid_user_name(name: str) -> bool:
     """
-    401 with a Basic challenge, for any method and path.
+    Whether C{name} may name a user taken from a proxy header or a client
+    certificate.
+    """
+    return _USER_NAME.match(name) is not None
+
+
+def peer_common_name(request: IRequest) -> str | None:
+    """
+    The subject common name of the client's TLS certificate, if it sent one.
+    """
+    channel = request.channel  # type: ignore[attr-defined]
+    # An HTTP/1.1 channel has the TLS transport; an HTTP/2 stream reaches it
+    # through its connection.
+    transport = getattr(channel, "transport", None) or getattr(getattr(channel, "_conn", None), "transport", None)
+    get_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_certificate is None:
+        return None
+    certificate = get_certificate()
+    if certificate is None:
+        return None
+    names = certificate.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return None
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+@dataclass
+class Throttle:
+    """
+    Counts failed logins per client address; after C{limit} failures within
+    C{window} seconds, the address is refused for C{backoff} seconds.
     """
 
-    isLeaf = True
+    clock: IReactorTime
+    limit: int = 10
+    window: float = 60.0
+    backoff: float = 300.0
 
-    def render(self, request: IRequest) -> bytes:
-        request.setHeader(b"www-authenticate", b'Basic realm="restic"')
-        return error_body(request, Unauthorized("authentication required"))
+    def __post_init__(self) -> None:
+        self._failures: dict[str, list[float]] = {}
+        self._blocked: dict[str, float] = {}
+
+    def blocked(self, client: str) -> float | None:
+        """
+        Seconds until C{client} may try again, or L{None} if it may now.
+        """
+        until = self._blocked.get(client)
+        if until is None:
+            return None
+        left = until - self.clock.seconds()
+        if left <= 0:
+            del self._blocked[client]
+            return None
+        return left
+
+    def failed(self, client: str) -> bool:
+        """
+        Count one failure; whether C{client} is now blocked.
+        """
+        now = self.clock.seconds()
+        recent = [t for t in self._failures.get(client, []) if t > now - self.window]
+        recent.append(now)
+        if len(recent) >= self.limit:
+            self._failures.pop(client, None)
+            self._blocked[client] = now + self.backoff
+            if len(self._blocked) > 100_000:
+                self._blocked = {c: t for c, t in self._blocked.items() if t > now}
+            return True
+        self._failures[client] = recent
+        if len(self._failures) > 100_000:
+            self._failures = {c: ts for c, ts in self._failures.items() if ts[-1] > now - self.window}
+        return False
 
 
 @implementer(IResource)
 class AuthGate:
     """
-    Lets requests with valid Basic credentials through to the tree made for
-    their user by C{tree_for}; answers the others 401.
+    Finds out who sends a request and lets it through to the tree made for
+    that user by C{tree_for}; answers the others 401 (or 429 while their
+    address is throttled).
+
+    The user comes from a reverse proxy's header (C{proxy_header}), or from
+    HTTP Basic credentials checked by C{authenticator}, or from the client
+    certificate's common name (C{client_cert}). With both credentials and a
+    client certificate, the two must name the same user.
 
     It consumes no path segment: it is transparent to the tree below.
     """
 
     isLeaf = False
 
-    def __init__(self, authenticator: Authenticator, tree_for: Callable[[str], IResource]) -> None:
-        self.authenticator = authenticator
+    def __init__(
+        self,
+        tree_for: Callable[[str | None], IResource],
+        authenticator: Authenticator | None = None,
+        proxy_header: bytes | None = None,
+        client_cert: bool = False,
+        throttle: Throttle | None = None,
+    ) -> None:
         self.tree_for = tree_for
+        self.authenticator = authenticator
+        self.proxy_header = proxy_header
+        self.client_cert = client_cert
+        self.throttle = throttle
 
     def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
         request.postpath.insert(0, request.prepath.pop())
@@ -220,11 +309,40 @@ class AuthGate:
     def putChild(self, path: bytes, child: IResource) -> None:
         raise NotImplementedError("the tree is made per user")
 
+    def _refuse(self, request: IRequest, error: ResticdError, user: str, why: str) -> IResource:
+        log.warn(
+            "authentication failed for user {user} from {client}: {why}",
+            user=user,
+            client=client_host(request),
+            why=why,
+        )
+        return ErrorResource(error)
+
     def _gate(self, request: IRequest) -> IResource:
+        client = client_host(request)
+        if self.throttle is not None:
+            wait = self.throttle.blocked(client)
+            if wait is not None:
+                return ErrorResource(TooManyRequests(wait))
+        if self.proxy_header is not None:
+            raw = request.getHeader(self.proxy_header)
+            if not raw:
+                return ErrorResource(Unauthorized())
+            name = raw.decode("utf-8", "replace")
+            if not is_valid_user_name(name):
+                return ErrorResource(BadRequest("invalid user name in the proxy's header"))
+            return self.tree_for(name)
+        cert_user = peer_common_name(request) if self.client_cert else None
+        if self.client_cert and (cert_user is None or not is_valid_user_name(cert_user)):
+            return self._refuse(request, Forbidden("a client certificate naming a user is required"), "-", "no usable client certificate")
+        if self.authenticator is None:
+            return self.tree_for(cert_user)
         credentials = parse_basic(request.getHeader(b"authorization"))
         if credentials is None:
-            return UnauthorizedResource()
+            return ErrorResource(Unauthorized())
         user, password = credentials
+        if cert_user is not None and cert_user != user:
+            return self._refuse(request, Forbidden("the client certificate is not for this user"), user, f"certificate is for {cert_user}")
         if self.authenticator.cached(user, password):
             return self.tree_for(user)
         checked = Deferred.fromCoroutine(self.authenticator.check(user, password))
@@ -232,11 +350,8 @@ class AuthGate:
         def decide(ok: bool) -> IResource:
             if ok:
                 return self.tree_for(user)
-            log.warn(
-                "authentication failed for user {user} from {client}",
-                user=user,
-                client=request.getClientAddress(),
-            )
-            return UnauthorizedResource()
+            if self.throttle is not None and self.throttle.failed(client):
+                log.warn("blocking {client} for {seconds} s after repeated failed logins", client=client, seconds=self.throttle.backoff)
+            return self._refuse(request, Unauthorized(), user, "wrong user name or password")
 
         return util.DeferredResource(checked.addCallback(decide))

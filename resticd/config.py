@@ -22,14 +22,31 @@ class Config:
     tls_key: str | None = None
     tls_min_version: str = "1.2"
     http2: bool = True
-    #: The htpasswd file, or None for --no-auth.
+    #: The htpasswd file, or None when Basic authentication is off.
     htpasswd_file: str | None = None
+    #: The header a trusted reverse proxy names the user in.
+    proxy_auth_username: str | None = None
+    #: CA certificates that client certificates must be signed by.
+    tls_client_ca: str | None = None
     verify_upload: bool = True
     group_accessible: bool = False
     allow_repo_delete: bool = False
+    append_only: bool = False
+    private_repos: bool = False
+    #: Limit on the bytes stored in the whole data directory.
+    max_size: int | None = None
+    #: The access file (rights and quotas per user and repository).
+    access_file: str | None = None
     debug: bool = False
     #: Worker threads for blocking filesystem work and bcrypt.
     threads: int = 8
+
+    @property
+    def authenticates(self) -> bool:
+        """
+        Whether requests are made by known users.
+        """
+        return bool(self.htpasswd_file or self.proxy_auth_username or self.tls_client_ca)
 
     @property
     def tls(self) -> bool:

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from .logs import logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web import http, resource
 from twisted.web.iweb import IRequest
 
 log = logger(__name__)
@@ -17,14 +17,16 @@ log = logger(__name__)
 
 class ResticdError(Exception):
     """
-    An error the client is told about; C{status} is its HTTP status code.
+    An error the client is told about; C{status} is its HTTP status code,
+    C{headers} any headers that go with it.
     """
 
     status: ClassVar[int] = http.INTERNAL_SERVER_ERROR
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class BadRequest(ResticdError):
@@ -43,6 +45,27 @@ class NotFound(ResticdError):
     """No such repository, type or object."""
 
     status = http.NOT_FOUND
+
+
+class Unauthorized(ResticdError):
+    """No valid credentials: asks for HTTP Basic authentication."""
+
+    status = http.UNAUTHORIZED
+
+    def __init__(self, message: str = "authentication required") -> None:
+        super().__init__(message, {b"www-authenticate": b'Basic realm="restic"'})
+
+
+class TooManyRequests(ResticdError):
+    """Too many failed logins from one address; try again later."""
+
+    status = 429
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(
+            "too many failed logins; try again later",
+            {b"retry-after": b"%d" % max(1, round(retry_after))},
+        )
 
 
 class Conflict(ResticdError):
@@ -83,9 +106,26 @@ def error_body(request: IRequest, error: ResticdError) -> bytes:
     """
     body = error.message.encode("utf-8") + b"\n"
     request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"content-length", b"%d" % len(body))
     return b"" if request.method == b"HEAD" else body
+
+
+class ErrorResource(resource.Resource):
+    """
+    The same error for any method and any path below.
+    """
+
+    isLeaf = True
+
+    def __init__(self, error: ResticdError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: IRequest) -> bytes:
+        return error_body(request, self.error)
 
 
 def render_failure(request: IRequest, failure: Failure) -> None:

@@ -6,6 +6,7 @@ here, whose debug events pass only when the daemon runs with C{--debug}.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IAddress
+from twisted.web.iweb import IRequest
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -47,3 +48,11 @@ def describe_address(address: IAddress, scheme: str = "http") -> str:
     if name is not None:
         return f"unix:{name.decode() if isinstance(name, bytes) else name}"
     return str(address)
+
+
+def client_host(request: IRequest) -> str:
+    """
+    The client's address as shown in logs and used for throttling.
+    """
+    address = request.getClientAddress()
+    return str(getattr(address, "host", None) or address)

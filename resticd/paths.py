@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_to_bytes
 
 #: Object types whose files are named by the sha256 of their content.
 HASHED_TYPES: Final = ("data", "keys", "locks", "snapshots", "index")
@@ -110,6 +111,60 @@ class Layout:
         repositories, so that a finished upload is published by a link.
         """
         return os.path.join(self.root, SPOOL_DIR)
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    What a request path names: a repository (C{kind} L{None}), a type
+    listing (C{name} L{None}), an object, or a config (C{kind} and C{name}
+    both C{"config"}).
+    """
+
+    repo: Repo
+    kind: str | None = None
+    name: str | None = None
+
+
+def step(target: Target, raw: bytes) -> Target | None:
+    """
+    Where one more (percent-decoded) path segment leads from C{target}, or
+    L{None} when nothing is there. An empty segment (a trailing slash) stays
+    in place.
+    """
+    if target.name is not None:
+        return None
+    if raw == b"":
+        return target
+    segment = decode_segment(raw)
+    if segment is None:
+        return None
+    if target.kind is not None:
+        return Target(target.repo, target.kind, segment) if is_object_name(segment) else None
+    if segment == "config":
+        return Target(target.repo, "config", "config")
+    if segment in HASHED_TYPES:
+        return Target(target.repo, segment)
+    if len(target.repo) < MAX_REPO_DEPTH and is_repo_segment(segment):
+        return Target((*target.repo, segment))
+    return None
+
+
+def parse_path(path: bytes) -> Target | None:
+    """
+    What a whole request path (as sent, percent-encoded, query allowed)
+    names, by the same rules as the resource tree; L{None} for nothing.
+    """
+    path = path.split(b"?", 1)[0]
+    if not path.startswith(b"/"):
+        return None
+    target: Target | None = Target(())
+    for raw in path[1:].split(b"/"):
+        assert target is not None
+        target = step(target, unquote_to_bytes(raw))
+        if target is None:
+            return None
+    return target
 
 
 def data_subdirs() -> list[str]:

@@ -3,25 +3,26 @@ The resource tree: repository folders, object types, objects and configs.
 
 C{/}, C{/a/} and C{/a/b/} are repositories; below each, C{config}, the type
 listings C{data/}, C{keys/}, ... and the objects C{data/<sha256>}. Every answer
-is plain text or JSON, never HTML, and never a redirect.
+is plain text or JSON, never HTML, and never a redirect. Each resource knows
+the user it serves and checks that user's rights before doing anything.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from .logs import logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
-from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from .access import Access, Policy, Right
 from .errors import (
     BadRequest,
+    ErrorResource,
     Forbidden,
     NotFound,
     ResticdError,
@@ -29,35 +30,19 @@ from .errors import (
     render_failure,
 )
 from .listing import content_type, format_entries, wants_v2
-from .paths import (
-    HASHED_TYPES,
-    MAX_REPO_DEPTH,
-    Repo,
-    decode_segment,
-    is_object_name,
-    is_repo_segment,
-    repo_label,
-)
+from .logs import client_host, logger
+from .paths import Target, repo_label, step
 from .spool import SpoolingRequest
 from .store import Store
 from .threads import Runner
+from .usage import Gate, Quota, Usage
 
 log = logger(__name__)
 
 OCTET_STREAM = b"application/octet-stream"
 
 
-@dataclass(frozen=True)
-class Policy:
-    """
-    What the server allows, instance-wide.
-    """
-
-    verify_upload: bool = True
-    allow_repo_delete: bool = False
-
-
-@dataclass(frozen=True)
+@dataclass
 class Context:
     """
     What every resource of the tree shares.
@@ -65,7 +50,50 @@ class Context:
 
     store: Store
     run: Runner
-    policy: Policy = Policy()
+    access: Access = field(default_factory=lambda: Access(Policy()))
+    usage: Usage = field(default_factory=Usage)
+    quota: Quota | None = None
+    #: Open once the usage is counted; changes to storage wait for it.
+    ready: Gate = field(default_factory=Gate)
+
+    def __post_init__(self) -> None:
+        if self.quota is None:
+            self.quota = Quota(self.usage, self.access.limits)
+
+
+def needed_right(method: bytes, target: Target) -> Right:
+    """
+    The right a request needs: reading needs C{read}; creating a repository,
+    an object or a config needs C{append}; deleting needs C{delete}, except
+    locks, which C{append} may remove (restic must unlock after a backup);
+    deleting a repository needs C{admin}.
+    """
+    if method in (b"GET", b"HEAD"):
+        return Right.READ
+    if method == b"POST":
+        return Right.APPEND
+    if target.kind is None:
+        return Right.REPO_DELETE
+    return Right.APPEND if target.kind == "locks" else Right.DELETE
+
+
+def authorize(ctx: Context, request: server.Request, user: str | None, target: Target) -> None:
+    """
+    Raise L{Forbidden} (and log the refusal once) unless C{user} has the right
+    C{request} needs on C{target}'s repository.
+    """
+    needed = needed_right(request.method, target)
+    if ctx.access.rights(user, target.repo) & needed:
+        return
+    log.warn(
+        "refused {method} {path} for user {user} from {client}: no {right} right",
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace"),
+        user=user or "-",
+        client=client_host(request),
+        right=(needed.name or "").lower().replace("_", " "),
+    )
+    raise Forbidden(f"{(needed.name or '').lower().replace('_', ' ')} access to {repo_label(target.repo)} denied")
 
 
 def is_gone(request: server.Request) -> bool:
@@ -134,57 +162,63 @@ class ApiResource(resource.Resource):
         return NOT_FOUND
 
 
-class ErrorResource(resource.Resource):
-    """
-    The same error for any method and any path below.
-    """
-
-    isLeaf = True
-
-    def __init__(self, error: ResticdError) -> None:
-        super().__init__()
-        self.error = error
-
-    def render(self, request: server.Request) -> bytes:
-        return error_body(request, self.error)
-
-
 NOT_FOUND = ErrorResource(NotFound("not found"))
 
 
-class RepoResource(ApiResource):
+def resource_for(ctx: Context, target: Target | None, user: str | None) -> IResource:
+    """
+    The resource that serves C{target} for C{user}.
+    """
+    if target is None:
+        return NOT_FOUND
+    if target.kind is None:
+        return RepoResource(ctx, target, user)
+    if target.name is None:
+        return TypeResource(ctx, target, user)
+    return StoredFile(ctx, target, user)
+
+
+class TargetResource(ApiResource):
+    """
+    A resource for one L{Target}, served to one user.
+    """
+
+    def __init__(self, ctx: Context, target: Target, user: str | None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.target = target
+        self.user = user
+
+    @property
+    def repo(self) -> tuple[str, ...]:
+        return self.target.repo
+
+    def getChild(self, path: bytes, request: server.Request) -> IResource:
+        child = step(self.target, path)
+        if child == self.target:
+            return self
+        return resource_for(self.ctx, child, self.user)
+
+    def authorize(self, request: server.Request) -> None:
+        authorize(self.ctx, request, self.user, self.target)
+
+
+class RepoResource(TargetResource):
     """
     A repository folder: C{POST ?create=true} creates it, C{DELETE} removes
     it; its children are C{config}, the type listings and nested repositories.
     """
 
-    def __init__(self, ctx: Context, repo: Repo = (), user: str | None = None) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.repo = repo
-        self.user = user
-
-    def getChild(self, path: bytes, request: server.Request) -> IResource:
-        if path == b"":
-            return self
-        segment = decode_segment(path)
-        if segment is None:
-            return NOT_FOUND
-        if segment == "config":
-            return StoredFile(self.ctx, self.repo, "config", "config")
-        if segment in HASHED_TYPES:
-            return TypeResource(self.ctx, self.repo, segment)
-        if len(self.repo) < MAX_REPO_DEPTH and is_repo_segment(segment):
-            return RepoResource(self.ctx, (*self.repo, segment), self.user)
-        return NOT_FOUND
-
     def render_POST(self, request: server.Request) -> int:
         return serve(request, self._create(request))
 
     async def _create(self, request: server.Request) -> bytes:
+        self.authorize(request)
         if request.args.get(b"create") != [b"true"]:
             raise BadRequest("POST on a repository needs ?create=true")
+        await self.ctx.ready.wait()
         await self.ctx.run(self.ctx.store.create_repo, self.repo)
+        self.ctx.usage.repos.setdefault(self.repo, {})
         log.info("created repository {repo}", repo=repo_label(self.repo), user=self.user)
         return b""
 
@@ -192,34 +226,25 @@ class RepoResource(ApiResource):
         return serve(request, self._delete(request))
 
     async def _delete(self, request: server.Request) -> bytes:
-        if not self.ctx.policy.allow_repo_delete:
-            raise Forbidden("repository deletion is disabled (see --allow-repo-delete)")
+        self.authorize(request)
+        await self.ctx.ready.wait()
         await self.ctx.run(self.ctx.store.delete_repo, self.repo)
+        self.ctx.usage.drop(self.repo)
         log.info("deleted repository {repo}", repo=repo_label(self.repo), user=self.user)
         return b""
 
 
-class TypeResource(ApiResource):
+class TypeResource(TargetResource):
     """
     The objects of one type in a repository: C{GET} lists them, its children
     are the objects.
     """
 
-    def __init__(self, ctx: Context, repo: Repo, kind: str) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.repo = repo
-        self.kind = kind
-
-    def getChild(self, path: bytes, request: server.Request) -> IResource:
-        if path == b"":
-            return self
-        name = decode_segment(path)
-        if name is None or not is_object_name(name):
-            return NOT_FOUND
-        return StoredFile(self.ctx, self.repo, self.kind, name)
-
-    def render_GET(self, request: server.Request) -> int:
+    def render_GET(self, request: server.Request) -> int | bytes:
+        try:
+            self.authorize(request)
+        except ResticdError as e:
+            return error_body(request, e)
         v2 = wants_v2(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type(v2))
         d = Deferred.fromCoroutine(self._stream(request, v2))
@@ -231,8 +256,9 @@ class TypeResource(ApiResource):
         Send the listing one directory at a time, as each is read in the
         thread pool; stop reading when the client goes away.
         """
+        assert self.target.kind is not None
         store = self.ctx.store
-        directories = list(store.list_dirs(self.repo, self.kind))
+        directories = list(store.list_dirs(self.repo, self.target.kind))
         started = False
         first = True
         for directory in directories:
@@ -257,7 +283,9 @@ class TypeResource(ApiResource):
         if not request.startedWriting:
             render_failure(request, failure)
             return
-        log.failure("listing {kind} of {repo} failed", failure, kind=self.kind, repo=repo_label(self.repo))
+        log.failure(
+            "listing {kind} of {repo} failed", failure, kind=self.target.kind, repo=repo_label(self.repo)
+        )
         abort(request)
 
 
@@ -285,27 +313,22 @@ class BlobFile(static.File):
         super().__init__(path, defaultType="application/octet-stream")
 
 
-class StoredFile(ApiResource):
+class StoredFile(TargetResource):
     """
     One object (or a repository's config): C{HEAD}, C{GET} (ranges
     included), C{POST} (upload), C{DELETE}.
     """
 
-    isLeaf = False
-    #: Uploads of these kinds must hash to their name.
-    verified_kinds: ClassVar[frozenset[str]] = frozenset(HASHED_TYPES)
-
-    def __init__(self, ctx: Context, repo: Repo, kind: str, name: str) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.repo = repo
-        self.kind = kind
-        self.name = name
+    def __init__(self, ctx: Context, target: Target, user: str | None) -> None:
+        super().__init__(ctx, target, user)
+        assert target.kind is not None and target.name is not None
+        self.kind = target.kind
+        self.name = target.name
         layout = ctx.store.layout
-        if kind == "config":
-            self.path = layout.config_path(repo)
+        if self.kind == "config":
+            self.path = layout.config_path(self.repo)
         else:
-            self.path = layout.object_path(repo, kind, name)
+            self.path = layout.object_path(self.repo, self.kind, self.name)
 
     def _stat(self) -> os.stat_result:
         try:
@@ -318,6 +341,7 @@ class StoredFile(ApiResource):
 
     def render_HEAD(self, request: server.Request) -> bytes:
         try:
+            self.authorize(request)
             st = self._stat()
         except ResticdError as e:
             return error_body(request, e)
@@ -328,6 +352,7 @@ class StoredFile(ApiResource):
 
     def render_GET(self, request: server.Request) -> bytes | int:
         try:
+            self.authorize(request)
             st = self._stat()
         except ResticdError as e:
             return error_body(request, e)
@@ -344,32 +369,36 @@ class StoredFile(ApiResource):
     async def _upload(self, request: server.Request) -> bytes:
         spool = None
         if isinstance(request, SpoolingRequest):
-            if request.spool_error is not None:
-                raise request.spool_error
             spool = request.take_spool()
-        if spool is None:
-            spool = request.channel.site.spool.open()  # type: ignore[attr-defined]
         try:
+            self.authorize(request)
+            if isinstance(request, SpoolingRequest):
+                if request.refusal is not None:
+                    raise request.refusal
+                if request.reservation is None and self.ctx.quota is not None:
+                    request.reservation = self.ctx.quota.reserve(self.repo, spool.size if spool else 0)
+            if spool is None:
+                spool = request.channel.site.spool.open()  # type: ignore[attr-defined]
             if spool.error is not None:
                 raise spool.error
             declared = request.getHeader(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) != spool.size:
                 raise BadRequest("body is shorter than its Content-Length")
             if (
-                self.ctx.policy.verify_upload
-                and self.kind in self.verified_kinds
+                self.ctx.access.policy.verify_upload
+                and self.kind != "config"
                 and spool.hexdigest() != self.name
             ):
                 raise BadRequest("body does not match its name (sha256)")
-        except BaseException:
-            spool.discard()
-            raise
-        try:
+            await self.ctx.ready.wait()
             stored = await self.ctx.run(self.ctx.store.publish, spool, self.repo, self.kind, self.name)
         finally:
-            # publish removes it in every case; this covers a failure to run
-            # publish at all. The worker is done with the file by now.
-            spool.discard()
+            # publish removes it in every case; this covers every failure
+            # before it. The worker is done with the file by now.
+            if spool is not None:
+                spool.discard()
+        if stored:
+            self.ctx.usage.add(self.repo, self.kind, spool.size)
         log.debug(
             "{what} {kind}/{name} in {repo} ({size} bytes)",
             what="saved" if stored else "kept identical",
@@ -381,9 +410,13 @@ class StoredFile(ApiResource):
         return b""
 
     def render_DELETE(self, request: server.Request) -> int:
-        return serve(request, self._delete())
+        return serve(request, self._delete(request))
 
-    async def _delete(self) -> bytes:
-        await self.ctx.run(self.ctx.store.delete, self.path)
+    async def _delete(self, request: server.Request) -> bytes:
+        self.authorize(request)
+        await self.ctx.ready.wait()
+        size = await self.ctx.run(self.ctx.store.delete, self.path)
+        if size is not None:
+            self.ctx.usage.remove(self.repo, self.kind, size)
         log.debug("deleted {kind}/{name} in {repo}", kind=self.kind, name=self.name, repo=repo_label(self.repo))
         return b""

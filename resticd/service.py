@@ -1,36 +1,39 @@
 """
-Wiring: the store, the resource tree, the site, the worker threads and the
-listeners, as one Twisted service.
+Wiring: the store, the access policy, the resource tree, the site, the
+worker threads and the listeners, as one Twisted service.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
-from .logs import describe_address, logger, set_debug
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
-from .auth import AuthGate, Authenticator, Htpasswd
+from .access import Access, AccessFileSource, Policy
+from .auth import AuthGate, Authenticator, Htpasswd, Throttle
 from .config import Config
-from .paths import Layout
-from .resources import Context, Policy, RepoResource
+from .logs import describe_address, logger, set_debug
+from .paths import Layout, Target
+from .resources import Context, RepoResource
 from .site import ResticSite
 from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
 from .tls import TLSConfigError, server_options
+from .usage import Usage, tally
 
 log = logger(__name__)
 
-#: How often the htpasswd file is checked for changes, in seconds.
-HTPASSWD_CHECK_INTERVAL = 5.0
+#: How often the htpasswd and access files are checked for changes, in seconds.
+RELOAD_CHECK_INTERVAL = 5.0
 
 
 class StartupError(Exception):
@@ -46,36 +49,58 @@ def make_store(config: Config) -> Store:
     return Store(Layout(config.path), Modes.for_group(config.group_accessible))
 
 
+def make_context(config: Config, store: Store, run: Runner, usage: Usage | None = None) -> Context:
+    """
+    What the resource tree shares: the store, the worker threads, the
+    access policy of the flags (and access file), and the storage usage.
+    """
+    policy = Policy(
+        append_only=config.append_only,
+        private_repos=config.private_repos,
+        allow_repo_delete=config.allow_repo_delete,
+        verify_upload=config.verify_upload,
+    )
+    source = AccessFileSource(config.access_file) if config.access_file else None
+    return Context(store, run, Access(policy, config.max_size, source), usage or Usage())
+
+
 def make_site(
     config: Config,
-    store: Store,
-    run: Runner,
+    ctx: Context,
     authenticator: Authenticator | None = None,
     reactor: Any = None,
+    throttle: Throttle | None = None,
 ) -> ResticSite:
     """
-    The site serving the repositories of C{store}: open to all, or behind
-    Basic authentication when there is an C{authenticator}. C{reactor} runs
-    its timeouts (the global reactor when L{None}).
+    The site serving the repositories of C{ctx}: open to all, or behind the
+    configured authentication. C{reactor} runs its timeouts (the global
+    reactor when L{None}).
     """
-    ctx = Context(
-        store=store,
-        run=run,
-        policy=Policy(verify_upload=config.verify_upload, allow_repo_delete=config.allow_repo_delete),
-    )
 
     def tree_for(user: str | None) -> IResource:
-        return RepoResource(ctx, (), user)
+        return RepoResource(ctx, Target(()), user)
 
-    root: IResource = tree_for(None) if authenticator is None else AuthGate(authenticator, tree_for)
-    spool = Spool(store.layout.spool_dir(), store.modes.file)
-    return ResticSite(root, spool, http2=config.http2, debug=config.debug, reactor=reactor)
+    root: IResource
+    if authenticator is None and config.proxy_auth_username is None and config.tls_client_ca is None:
+        root = tree_for(None)
+    else:
+        proxy = config.proxy_auth_username
+        root = AuthGate(
+            tree_for,
+            authenticator,
+            proxy_header=proxy.encode("ascii") if proxy else None,
+            client_cert=config.tls_client_ca is not None,
+            throttle=throttle,
+        )
+    spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file)
+    return ResticSite(root, spool, ctx.quota, http2=config.http2, debug=config.debug, reactor=reactor)
 
 
 class ResticdService(service.MultiService):
     """
-    The whole daemon: prepares the data directory, listens, and owns the
-    worker thread pool.
+    The whole daemon: prepares the data directory, listens, owns the worker
+    thread pool, and reloads the users and access rules when their files
+    change or on SIGHUP.
     """
 
     def __init__(self, config: Config, reactor: Any) -> None:
@@ -86,18 +111,36 @@ class ResticdService(service.MultiService):
         self.pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="resticd-io")
         self.run = PoolRunner(reactor, self.pool)
         self.store = make_store(config)
+        self.ctx = make_context(config, self.store, self.run)
         self.authenticator: Authenticator | None = None
         if config.htpasswd_file is not None:
             self.authenticator = Authenticator(Htpasswd(config.htpasswd_file), self.run, reactor)
-            refresh = internet.TimerService(HTPASSWD_CHECK_INTERVAL, self._reload_users)
-            refresh.setServiceParent(self)
-        self.site = make_site(config, self.store, self.run, self.authenticator, reactor)
+        if self.authenticator is not None or self.ctx.access.source is not None:
+            internet.TimerService(RELOAD_CHECK_INTERVAL, self.reload).setServiceParent(self)
+        self.site = make_site(config, self.ctx, self.authenticator, reactor, Throttle(reactor))
         self.ports: list[IListeningPort] = []
         self._prepared = False
+        self._previous_sighup: Any = None
 
-    def _reload_users(self) -> Deferred[None]:
-        assert self.authenticator is not None
-        return Deferred.fromCoroutine(self.authenticator.reload())
+    def reload(self) -> Deferred[None]:
+        """
+        Re-read the htpasswd and access files if they changed; a file that
+        fails to load is logged and the previous one stays in force.
+        """
+        return Deferred.fromCoroutine(self._reload())
+
+    async def _reload(self) -> None:
+        if self.authenticator is not None:
+            await self.authenticator.reload()
+        access = self.ctx.access
+        if access.source is not None:
+            try:
+                if await self.run(access.refresh):
+                    log.info("loaded access rules from {path}", path=access.source.path)
+            except (OSError, ValueError) as e:
+                log.error(
+                    "cannot reload {path}: {why}; keeping the previous rules", path=access.source.path, why=e
+                )
 
     def factory(self) -> IProtocolFactory:
         """
@@ -107,14 +150,14 @@ class ResticdService(service.MultiService):
         config = self.config
         if config.tls_cert is None or config.tls_key is None:
             return self.site
-        options = server_options(config.tls_cert, config.tls_key, config.tls_min_version)
+        options = server_options(config.tls_cert, config.tls_key, config.tls_min_version, config.tls_client_ca)
         return TLSMemoryBIOFactory(options, False, self.site)
 
     def prepare(self) -> None:
         """
         Make the data directory ready, remove spool files a crash left behind,
-        load the users and start listening (blocking: runs before the reactor
-        serves anything).
+        load the users and access rules and start listening (blocking: runs
+        before the reactor serves anything).
 
         @raise StartupError: when any of it fails.
         """
@@ -131,8 +174,12 @@ class ResticdService(service.MultiService):
         if self.authenticator is not None:
             try:
                 self.authenticator.htpasswd.refresh()
-            except (OSError, UnicodeDecodeError) as e:
+            except (OSError, ValueError) as e:
                 raise StartupError(f"cannot read htpasswd file {self.config.htpasswd_file}: {e}") from None
+        try:
+            self.ctx.access.refresh()
+        except (OSError, ValueError) as e:
+            raise StartupError(f"cannot load access file {self.config.access_file}: {e}") from None
         try:
             factory = self.factory()
         except TLSConfigError as e:
@@ -158,6 +205,24 @@ class ResticdService(service.MultiService):
         )
         return port
 
+    async def _tally(self) -> None:
+        """
+        Count what is stored, in the thread pool; writes wait until it is done
+        so that nothing is counted twice or missed.
+        """
+        try:
+            counted = await self.run(tally, self.store)
+        except Exception:
+            log.failure("counting stored objects failed; usage and quotas start from zero")
+        else:
+            self.ctx.usage.load(counted)
+            log.info(
+                "{repos} repositories, {bytes} bytes stored",
+                repos=len(counted.repos),
+                bytes=counted.scope_bytes(("all",)),
+            )
+        self.ctx.ready.open()
+
     def _prepare_or_exit(self) -> None:
         try:
             self.prepare()
@@ -171,9 +236,21 @@ class ResticdService(service.MultiService):
     def startService(self) -> None:
         self._prepare_or_exit()
         self.pool.start()
+        self.ctx.ready.close()
+        Deferred.fromCoroutine(self._tally())
+        if hasattr(signal, "SIGHUP"):
+            try:
+                self._previous_sighup = signal.signal(
+                    signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.reload)
+                )
+            except ValueError:  # not the main thread (tests)
+                self._previous_sighup = None
         super().startService()
 
     def stopService(self) -> Deferred[None]:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
         d = super().stopService()

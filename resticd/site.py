@@ -10,6 +10,7 @@ from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from .spool import Spool, SpoolingRequest
+from .usage import Quota
 
 #: Idle keep-alive connections are closed after this many seconds; Go's client
 #: pool keeps idle connections for 90 s, so this must be longer.
@@ -18,7 +19,8 @@ IDLE_TIMEOUT = 180
 
 class ResticSite(server.Site):
     """
-    A L{server.Site} whose requests stream their bodies into C{spool}, which
+    A L{server.Site} whose requests stream their bodies into C{spool} (their
+    uploads checked early against C{quota}), which
     offers HTTP/2 by ALPN only when C{http2} is true, logs a line per request
     only when C{debug} is true, and never shows tracebacks to clients.
     """
@@ -29,6 +31,7 @@ class ResticSite(server.Site):
         self,
         resource: IResource,
         spool: Spool,
+        quota: Quota | None = None,
         http2: bool = True,
         debug: bool = False,
         reactor: Any = None,
@@ -37,6 +40,7 @@ class ResticSite(server.Site):
             resource, requestFactory=SpoolingRequest, timeout=IDLE_TIMEOUT, reactor=reactor
         )
         self.spool = spool
+        self.quota = quota
         self.http2 = http2
         self.debug = debug
 

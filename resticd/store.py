@@ -209,16 +209,20 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str) -> int | None:
         """
         Remove one object or config file; a missing one is not an error.
+        Returns the size of what was removed, L{None} when nothing was.
         """
+        self.contained(path)
         try:
-            os.unlink(self.contained(path))
+            size = os.lstat(path).st_size
+            os.unlink(path)
         except FileNotFoundError:
-            pass
+            return None
         except IsADirectoryError:
             raise NotFound("not found") from None
+        return size
 
     def list_dir(self, directory: str) -> list[Entry]:
         """

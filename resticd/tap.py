@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from . import __version__
 from .config import Config
+from .access import parse_size
 from .tls import MIN_VERSIONS
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)\Z")
@@ -61,14 +62,20 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key file (may be the certificate file); turns TLS on."],
         ["tls-min-version", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
         ["htpasswd-file", None, None, "htpasswd file of users (default: <path>/.htpasswd)."],
+        ["proxy-auth-username", None, None, "Take the user name from this header set by a trusted reverse proxy instead of checking passwords."],
+        ["tls-client-ca", None, None, "Require client certificates signed by a CA in this PEM file; the certificate's common name is the user."],
+        ["access-file", None, None, "TOML file of rights and quotas per user and repository (see etc/access.toml)."],
+        ["max-size", None, None, "Most bytes the whole data directory may hold, e.g. 500G or 2T; more is refused with 507."],
     ]
     optFlags = [
         ["tls", None, "Turn TLS on with <path>/public_key and <path>/private_key (rest-server's layout)."],
         ["no-http2", None, "Do not offer HTTP/2 (ALPN h2) on TLS listeners."],
-        ["no-auth", None, "Serve without authentication."],
+        ["no-auth", None, "Do not check passwords (no htpasswd file); with --tls-client-ca the certificate alone names the user."],
         ["no-verify-upload", None, "Do not check that an upload's sha256 matches its name."],
         ["group-accessible-repos", None, "Create files 0660 and directories 0770 instead of 0600/0700."],
         ["allow-repo-delete", None, "Allow DELETE of a whole repository."],
+        ["append-only", None, "Allow creating but not deleting or replacing anything except locks."],
+        ["private-repos", None, "Let each user use only the repositories /<user>/ and /<user>/<name>/."],
         ["debug", None, "Log every request."],
     ]
 
@@ -131,14 +138,32 @@ def config_from(options: usage.Options) -> Config:
     for flag, value in (("--tls-cert", cert), ("--tls-key", key)):
         if value is not None and not os.access(value, os.R_OK):
             raise _fail(f"{flag} {value}: not a readable file")
+    client_ca = options["tls-client-ca"]
+    if client_ca is not None:
+        if cert is None:
+            raise _fail("--tls-client-ca needs TLS (--tls-cert and --tls-key, or --tls)")
+        if not os.access(client_ca, os.R_OK):
+            raise _fail(f"--tls-client-ca {client_ca}: not a readable file")
+    proxy_header = options["proxy-auth-username"]
     htpasswd = None
-    if not options["no-auth"]:
+    if not options["no-auth"] and proxy_header is None:
         htpasswd = os.path.abspath(options["htpasswd-file"] or os.path.join(path, ".htpasswd"))
         if not os.access(htpasswd, os.R_OK):
             raise _fail(
                 f"no readable htpasswd file at {htpasswd}: create one "
                 "(htpasswd -B -c FILE USER), name it with --htpasswd-file, or run with --no-auth"
             )
+    if options["private-repos"] and htpasswd is None and proxy_header is None and client_ca is None:
+        raise _fail("--private-repos needs users: an htpasswd file, --proxy-auth-username or --tls-client-ca")
+    access_file = options["access-file"]
+    if access_file is not None and not os.access(access_file, os.R_OK):
+        raise _fail(f"--access-file {access_file}: not a readable file")
+    max_size = None
+    if options["max-size"] is not None:
+        try:
+            max_size = parse_size(options["max-size"])
+        except ValueError as e:
+            raise _fail(f"--max-size: {e}") from None
     return Config(
         path=path,
         listen=tuple(options["listen"]) or ("tcp:8000",),
@@ -147,9 +172,15 @@ def config_from(options: usage.Options) -> Config:
         tls_min_version=options["tls-min-version"],
         http2=not options["no-http2"],
         htpasswd_file=htpasswd,
+        proxy_auth_username=proxy_header,
+        tls_client_ca=os.path.abspath(client_ca) if client_ca else None,
         verify_upload=not options["no-verify-upload"],
         group_accessible=bool(options["group-accessible-repos"]),
         allow_repo_delete=bool(options["allow-repo-delete"]),
+        append_only=bool(options["append-only"]),
+        private_repos=bool(options["private-repos"]),
+        max_size=max_size,
+        access_file=os.path.abspath(access_file) if access_file else None,
         debug=bool(options["debug"]),
     )
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from OpenSSL.crypto import X509
+from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates
 
 #: The --tls-min-version values and what they mean.
 MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
@@ -27,11 +28,14 @@ def _read(path: str) -> bytes:
         raise TLSConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
-def server_options(cert_path: str, key_path: str, min_version: str = "1.2") -> CertificateOptions:
+def server_options(
+    cert_path: str, key_path: str, min_version: str = "1.2", client_ca: str | None = None
+) -> CertificateOptions:
     """
     TLS server options from a PEM certificate file (the server certificate
     first, then any intermediates) and a PEM key file (which may be the same
-    file).
+    file). With C{client_ca}, a PEM file of CA certificates, every client
+    must present a certificate signed by one of them.
 
     @raise TLSConfigError: when a file is unreadable, holds no certificate or
         key, or the key does not belong to the certificate.
@@ -46,6 +50,17 @@ def server_options(cert_path: str, key_path: str, min_version: str = "1.2") -> C
         key = serialization.load_pem_private_key(key_data, password=None)
     except (ValueError, TypeError) as e:
         raise TLSConfigError(f"{key_path}: no usable unencrypted PEM private key ({e})") from None
+    verification: dict[str, object] = {}
+    if client_ca is not None:
+        try:
+            authorities = x509.load_pem_x509_certificates(_read(client_ca))
+        except ValueError:
+            raise TLSConfigError(f"{client_ca}: no PEM certificate found") from None
+        verification = {
+            # A trust root makes Twisted verify the peer and require its
+            # certificate.
+            "trustRoot": trustRootFromCertificates([Certificate(X509.from_cryptography(c)) for c in authorities]),
+        }
     options = CertificateOptions(
         # pyOpenSSL wants cryptography objects now; Twisted's annotations
         # still name the older pyOpenSSL types.
@@ -53,6 +68,7 @@ def server_options(cert_path: str, key_path: str, min_version: str = "1.2") -> C
         certificate=chain[0],  # type: ignore[arg-type]
         extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=MIN_VERSIONS[min_version],
+        **verification,  # type: ignore[arg-type]
     )
     try:
         options.getContext()

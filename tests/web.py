@@ -23,10 +23,12 @@ from twisted.python.failure import Failure
 from resticd.auth import Authenticator
 from resticd.config import Config
 from resticd.paths import Layout
-from resticd.service import make_site, make_store
+from resticd.resources import Context
+from resticd.service import make_context, make_site, make_store
 from resticd.site import ResticSite
 from resticd.store import Store
 from resticd.threads import Runner, run_inline
+from resticd.usage import tally
 
 V2 = "application/vnd.x.restic.rest.v2"
 #: How many reactor turns a request may take in memory before a test fails.
@@ -148,6 +150,7 @@ class Server:
     site: ResticSite
     client: SiteClient
     reactor: MemoryReactorClock
+    ctx: Context
 
     @property
     def layout(self) -> Layout:
@@ -170,6 +173,9 @@ def make_server(
     config = replace(Config(path=root), **overrides)
     store = make_store(config)
     store.prepare_root()
+    ctx = make_context(config, store, run)
+    ctx.access.refresh()
+    ctx.usage.load(tally(store))
     reactor = MemoryReactorClock()
-    site = make_site(config, store, run, authenticator, reactor)
-    return Server(config, store, site, SiteClient(site), reactor)
+    site = make_site(config, ctx, authenticator, reactor)
+    return Server(config, store, site, SiteClient(site), reactor, ctx)

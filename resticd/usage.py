@@ -1,0 +1,281 @@
+"""
+Storage usage and quotas.
+
+L{Usage} keeps the bytes and object counts of every repository and type,
+counted once at startup and then kept up to date by every upload and delete.
+L{Quota} checks uploads against the limits that apply to a repository (the
+whole data directory, its owner, the repository itself) and holds the bytes
+of uploads in flight as reservations, so concurrent uploads cannot overshoot
+a limit together.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred, succeed
+
+from .errors import InsufficientStorage
+from .paths import HASHED_TYPES, MAX_REPO_DEPTH, Repo, is_repo_segment, repo_label
+from .store import Store
+
+#: Where a limit applies: the whole data directory, one user's repositories
+#: (those below C{/<user>/}), or one repository.
+Scope = tuple[str, ...]
+ALL: Scope = ("all",)
+
+
+def scopes_of(repo: Repo) -> list[Scope]:
+    """
+    Every scope an object of C{repo} counts in.
+    """
+    scopes = [ALL, ("repo", *repo)]
+    if repo:
+        scopes.append(("user", repo[0]))
+    return scopes
+
+
+@dataclass
+class Counts:
+    """
+    Bytes and number of objects.
+    """
+
+    bytes: int = 0
+    objects: int = 0
+
+
+class Usage:
+    """
+    Stored bytes and object counts per repository and object type (C{config}
+    included), with running totals per L{Scope}.
+    """
+
+    def __init__(self) -> None:
+        self.repos: dict[Repo, dict[str, Counts]] = {}
+        self._totals: dict[Scope, int] = {}
+
+    def _count(self, repo: Repo, size: int) -> None:
+        for scope in scopes_of(repo):
+            self._totals[scope] = self._totals.get(scope, 0) + size
+
+    def add(self, repo: Repo, kind: str, size: int) -> None:
+        """
+        One object of C{size} bytes was stored.
+        """
+        counts = self.repos.setdefault(repo, {}).setdefault(kind, Counts())
+        counts.bytes += size
+        counts.objects += 1
+        self._count(repo, size)
+
+    def remove(self, repo: Repo, kind: str, size: int) -> None:
+        """
+        One object of C{size} bytes was deleted.
+        """
+        counts = self.repos.get(repo, {}).get(kind)
+        if counts is None or counts.objects == 0:
+            return
+        size = min(size, counts.bytes)
+        counts.bytes -= size
+        counts.objects -= 1
+        self._count(repo, -size)
+
+    def drop(self, repo: Repo) -> None:
+        """
+        The whole repository was deleted.
+        """
+        self._count(repo, -self.repo_bytes(repo))
+        self.repos.pop(repo, None)
+
+    def load(self, other: Usage) -> None:
+        """
+        Take over the counts of C{other} (a fresh tally).
+        """
+        self.repos = other.repos
+        self._totals = other._totals
+
+    def repo_bytes(self, repo: Repo) -> int:
+        """
+        The bytes stored in one repository.
+        """
+        return sum(c.bytes for c in self.repos.get(repo, {}).values())
+
+    def scope_bytes(self, scope: Scope) -> int:
+        """
+        The bytes stored in one scope.
+        """
+        return self._totals.get(scope, 0)
+
+
+class Gate:
+    """
+    Open or closed; L{wait} fires once it is open.
+    """
+
+    def __init__(self, opened: bool = True) -> None:
+        self.opened = opened
+        self._waiting: list[Deferred[None]] = []
+
+    def open(self) -> None:
+        self.opened = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def close(self) -> None:
+        self.opened = False
+
+    def wait(self) -> Deferred[None]:
+        """
+        A Deferred that fires when the gate is open (at once if it is).
+        """
+        if self.opened:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+def find_repos(root: str) -> Iterator[Repo]:
+    """
+    The repositories below C{root} (blocking): directories up to the nesting
+    limit with a valid name that hold a config or a type directory.
+    """
+
+    def walk(repo: Repo) -> Iterator[Repo]:
+        path = os.path.join(root, *repo)
+        try:
+            names = os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        if "config" in names or any(kind in names for kind in HASHED_TYPES):
+            yield repo
+        if len(repo) < MAX_REPO_DEPTH:
+            for name in sorted(names):
+                if is_repo_segment(name) and os.path.isdir(os.path.join(path, name)):
+                    yield from walk((*repo, name))
+
+    yield from walk(())
+
+
+def tally(store: Store) -> Usage:
+    """
+    Count what is stored under the data directory (blocking: run it in the
+    thread pool).
+    """
+    usage = Usage()
+    for repo in find_repos(store.layout.root):
+        usage.repos.setdefault(repo, {})
+        for kind in HASHED_TYPES:
+            for directory in store.list_dirs(repo, kind):
+                for _, size in store.list_dir(directory):
+                    usage.add(repo, kind, size)
+        try:
+            st = os.stat(store.layout.config_path(repo))
+        except FileNotFoundError:
+            pass
+        else:
+            usage.add(repo, "config", st.st_size)
+    return usage
+
+
+class Reservation:
+    """
+    Bytes of one upload in flight, held against every scope its repository
+    counts in; released when the upload ends, however it ends.
+    """
+
+    def __init__(self, quota: Quota, repo: Repo) -> None:
+        self.quota = quota
+        self.repo = repo
+        self.scopes = scopes_of(repo)
+        self.bytes = 0
+
+    def grow(self, size: int) -> None:
+        """
+        Hold C{size} more bytes.
+
+        @raise InsufficientStorage: when that would exceed a limit; nothing
+            more is held then.
+        """
+        self.quota.hold(self, size)
+
+    def release(self) -> None:
+        """
+        Let go of everything held (idempotent).
+        """
+        self.quota.free(self)
+
+
+@dataclass
+class Limits:
+    """
+    The limits in force: for the whole data directory, per user (their
+    repositories below C{/<user>/}) and per repository.
+    """
+
+    total: int | None = None
+    users: dict[str, int] = field(default_factory=dict)
+    repo: Callable[[Repo], int | None] = lambda repo: None
+
+    def of(self, scope: Scope) -> int | None:
+        """
+        The limit of one scope, if any.
+        """
+        if scope == ALL:
+            return self.total
+        if scope[0] == "user":
+            return self.users.get(scope[1])
+        return self.repo(scope[1:])
+
+
+class Quota:
+    """
+    Checks uploads against L{Limits} using a L{Usage} and the reservations of
+    uploads in flight.
+    """
+
+    def __init__(self, usage: Usage, limits: Callable[[], Limits]) -> None:
+        self.usage = usage
+        self.limits = limits
+        self._held: dict[Scope, int] = {}
+
+    def reserve(self, repo: Repo, size: int) -> Reservation:
+        """
+        A reservation of C{size} bytes for an upload into C{repo}.
+
+        @raise InsufficientStorage: when a limit would be exceeded.
+        """
+        reservation = Reservation(self, repo)
+        reservation.grow(size)
+        return reservation
+
+    def hold(self, reservation: Reservation, size: int) -> None:
+        limits = self.limits()
+        for scope in reservation.scopes:
+            limit = limits.of(scope)
+            if limit is None:
+                continue
+            if self.usage.scope_bytes(scope) + self._held.get(scope, 0) + size > limit:
+                where = "the server" if scope == ALL else f"{scope[0]} {scope[1] if scope[0] == 'user' else repo_label(scope[1:])}"
+                raise InsufficientStorage(f"quota of {where} exceeded ({limit} bytes)")
+        for scope in reservation.scopes:
+            self._held[scope] = self._held.get(scope, 0) + size
+        reservation.bytes += size
+
+    def free(self, reservation: Reservation) -> None:
+        for scope in reservation.scopes:
+            left = self._held.get(scope, 0) - reservation.bytes
+            if left > 0:
+                self._held[scope] = left
+            else:
+                self._held.pop(scope, None)
+        reservation.bytes = 0
+
+    def held(self, scope: Scope) -> int:
+        """
+        The bytes of uploads in flight in one scope.
+        """
+        return self._held.get(scope, 0)
