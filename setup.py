@@ -21,6 +21,7 @@ setup(
         "libpass>=1.9.4,<2",
         "bcrypt>=5.0,<6",
     ],
+    entry_points={"console_scripts": ["resticd-users = resticd.users:main"]},
     extras_require={
         "test": [
             "pytest>=9,<10",

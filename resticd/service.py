@@ -42,6 +42,14 @@ class StartupError(Exception):
     """
 
 
+class StartupExit(SystemExit, Exception):
+    """
+    Ends the process with one line and exit status 1. It is also an
+    L{Exception} so that a daemonizing twistd hands it to the waiting parent
+    process (which prints it and exits 1) instead of leaving it hanging.
+    """
+
+
 def make_store(config: Config) -> Store:
     """
     The store of the configured data directory.
@@ -227,7 +235,7 @@ class ResticdService(service.MultiService):
         try:
             self.prepare()
         except StartupError as e:
-            raise SystemExit(f"resticd: error: {e}") from None
+            raise StartupExit(f"resticd: error: {e}") from None
 
     def privilegedStartService(self) -> None:
         self._prepare_or_exit()

@@ -129,6 +129,8 @@ class Store:
         """
         layout = self.layout
         repo_dir = self.contained(layout.repo_dir(repo))
+        if os.path.lexists(repo_dir) and not os.path.isdir(repo_dir):
+            raise Conflict("a file of that name is in the way")
         if os.path.lexists(layout.config_path(repo)):
             raise Conflict("repository already exists")
         self._ensure_dir(repo_dir)

@@ -85,9 +85,7 @@ class Options(usage.Options):
 
     def opt_listen(self, value: str) -> None:
         """
-        Endpoint to listen on, repeatable: tcp:8000:interface=::1,
-        unix:/run/resticd.sock, systemd:domain=INET6:index=0, :8000 or
-        host:port (default: tcp:8000).
+        Endpoint to listen on, repeatable: a Twisted endpoint such as tcp:8000:interface=127.0.0.1, unix:/run/resticd.sock or systemd:domain=INET6:index=0, or rest-server's :8000, host:8000 and [::1]:8000 (default: tcp:8000).
         """
         try:
             self["listen"].append(endpoint_description(value))
