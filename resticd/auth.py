@@ -309,13 +309,16 @@ class AuthGate:
     def putChild(self, path: bytes, child: IResource) -> None:
         raise NotImplementedError("the tree is made per user")
 
-    def _refuse(self, request: IRequest, error: ResticdError, user: str, why: str) -> IResource:
-        log.warn(
-            "authentication failed for user {user} from {client}: {why}",
-            user=user,
-            client=client_host(request),
-            why=why,
-        )
+    @staticmethod
+    def _refuse(request: IRequest, error: ResticdError, reason: str, user: str | None = None) -> IResource:
+        """
+        Refuse C{request}, noting why authentication failed (the refusal is
+        logged and counted when the request ends).
+        """
+        outcome = getattr(request, "outcome", None)
+        if outcome is not None:
+            outcome.auth_failure = reason
+            outcome.user = user
         return ErrorResource(error)
 
     def _gate(self, request: IRequest) -> IResource:
@@ -323,26 +326,28 @@ class AuthGate:
         if self.throttle is not None:
             wait = self.throttle.blocked(client)
             if wait is not None:
-                return ErrorResource(TooManyRequests(wait))
+                return self._refuse(request, TooManyRequests(wait), "throttled")
         if self.proxy_header is not None:
             raw = request.getHeader(self.proxy_header)
             if not raw:
-                return ErrorResource(Unauthorized())
+                return self._refuse(request, Unauthorized(), "missing")
             name = raw.decode("utf-8", "replace")
             if not is_valid_user_name(name):
-                return ErrorResource(BadRequest("invalid user name in the proxy's header"))
+                return self._refuse(request, BadRequest("invalid user name in the proxy's header"), "proxy_header")
             return self.tree_for(name)
         cert_user = peer_common_name(request) if self.client_cert else None
         if self.client_cert and (cert_user is None or not is_valid_user_name(cert_user)):
-            return self._refuse(request, Forbidden("a client certificate naming a user is required"), "-", "no usable client certificate")
+            return self._refuse(request, Forbidden("a client certificate naming a user is required"), "certificate")
         if self.authenticator is None:
             return self.tree_for(cert_user)
         credentials = parse_basic(request.getHeader(b"authorization"))
         if credentials is None:
-            return ErrorResource(Unauthorized())
+            return self._refuse(request, Unauthorized(), "missing")
         user, password = credentials
         if cert_user is not None and cert_user != user:
-            return self._refuse(request, Forbidden("the client certificate is not for this user"), user, f"certificate is for {cert_user}")
+            return self._refuse(
+                request, Forbidden(f"the client certificate is for {cert_user}, not this user"), "certificate", user
+            )
         if self.authenticator.cached(user, password):
             return self.tree_for(user)
         checked = Deferred.fromCoroutine(self.authenticator.check(user, password))
@@ -351,7 +356,11 @@ class AuthGate:
             if ok:
                 return self.tree_for(user)
             if self.throttle is not None and self.throttle.failed(client):
-                log.warn("blocking {client} for {seconds} s after repeated failed logins", client=client, seconds=self.throttle.backoff)
-            return self._refuse(request, Unauthorized(), user, "wrong user name or password")
+                log.warn(
+                    "blocking {client} for {seconds} s after repeated failed logins",
+                    client=client,
+                    seconds=self.throttle.backoff,
+                )
+            return self._refuse(request, Unauthorized("wrong user name or password"), "password", user)
 
         return util.DeferredResource(checked.addCallback(decide))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .health import MinFree
+
 
 @dataclass(frozen=True)
 class Config:
@@ -37,6 +39,15 @@ class Config:
     max_size: int | None = None
     #: The access file (rights and quotas per user and repository).
     access_file: str | None = None
+    #: Serve /metrics on the listeners; without a login when metrics_no_auth.
+    prometheus: bool = False
+    prometheus_no_auth: bool = False
+    #: A separate endpoint that serves only metrics and health, without auth.
+    prometheus_listen: str | None = None
+    #: The access log file, "-" for standard output.
+    access_log: str | None = None
+    #: Free space below which /-/ready answers 503.
+    min_free_space: MinFree = MinFree(fraction=0.01)
     debug: bool = False
     #: Worker threads for blocking filesystem work and bcrypt.
     threads: int = 8

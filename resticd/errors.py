@@ -35,6 +35,10 @@ class BadRequest(ResticdError):
     status = http.BAD_REQUEST
 
 
+class VerificationFailed(BadRequest):
+    """An upload's sha256 is not its name."""
+
+
 class Forbidden(ResticdError):
     """The request is well-formed but not allowed (e.g. an overwrite)."""
 
@@ -104,6 +108,9 @@ def error_body(request: IRequest, error: ResticdError) -> bytes:
     Set the status and headers of C{request} for C{error} and return its
     short plain-text body (empty for C{HEAD}, which sends headers only).
     """
+    outcome = getattr(request, "outcome", None)
+    if outcome is not None:
+        outcome.error = error
     body = error.message.encode("utf-8") + b"\n"
     request.setResponseCode(error.status)
     for name, value in error.headers.items():

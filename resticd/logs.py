@@ -5,7 +5,9 @@ here, whose debug events pass only when the daemon runs with C{--debug}.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.web.iweb import IRequest
 from twisted.logger import (
     FilteringLogObserver,
@@ -14,6 +16,9 @@ from twisted.logger import (
     Logger,
     globalLogPublisher,
 )
+
+if TYPE_CHECKING:
+    from .request import SpoolingRequest
 
 _levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _observer = FilteringLogObserver(globalLogPublisher, [_levels])
@@ -56,3 +61,51 @@ def client_host(request: IRequest) -> str:
     """
     address = request.getClientAddress()
     return str(getattr(address, "host", None) or address)
+
+
+#: Statuses that refuse a request: each is logged once, with the reason.
+REFUSALS = frozenset({400, 401, 403, 413, 429, 507})
+
+
+class RequestLogger:
+    """
+    Logs every refused request once (user, client address, method, path,
+    status and reason; the C{refused 401 ...} lines suit fail2ban) and, with
+    C{--debug}, one line for every request.
+    """
+
+    def __init__(self, clock: IReactorTime, debug: bool = False) -> None:
+        self.clock = clock
+        self.debug = debug
+        self.log = logger("resticd.requests")
+        self._starts: dict[int, float] = {}
+
+    def started(self, request: SpoolingRequest) -> None:
+        if self.debug:
+            self._starts[id(request)] = self.clock.seconds()
+
+    def finished(self, request: SpoolingRequest, completed: bool) -> None:
+        started = self._starts.pop(id(request), None)
+        outcome = request.outcome
+        fields = dict(
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            status=request.code,
+            user=outcome.user or "-",
+            client=client_host(request),
+        )
+        if completed and request.code in REFUSALS:
+            reason = outcome.error.message if outcome.error is not None else "refused"
+            self.log.warn("refused {status} {method} {path} for user {user} from {client}: {reason}", reason=reason, **fields)
+        elif self.debug:
+            duration = self.clock.seconds() - started if started is not None else 0.0
+            self.log.info(
+                '"{method} {uri} {protocol}" {status} {bytes} bytes for user {user} from {client}'
+                " in {duration:.3f} s{aborted}",
+                uri=request.uri.decode("ascii", "replace"),
+                protocol=request.clientproto.decode("ascii", "replace"),
+                bytes=request.sentLength,
+                duration=duration,
+                aborted="" if completed else " (client went away)",
+                **fields,
+            )

@@ -10,7 +10,8 @@ the user it serves and checks that user's rights before doing anything.
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +27,14 @@ from .errors import (
     Forbidden,
     NotFound,
     ResticdError,
+    VerificationFailed,
     error_body,
     render_failure,
 )
 from .listing import content_type, format_entries, wants_v2
-from .logs import client_host, logger
+from .logs import logger
 from .paths import Target, repo_label, step
-from .spool import SpoolingRequest
+from .request import SpoolingRequest
 from .store import Store
 from .threads import Runner
 from .usage import Gate, Quota, Usage
@@ -55,6 +57,8 @@ class Context:
     quota: Quota | None = None
     #: Open once the usage is counted; changes to storage wait for it.
     ready: Gate = field(default_factory=Gate)
+    #: The wall clock, for the times of last writes.
+    now: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         if self.quota is None:
@@ -79,20 +83,12 @@ def needed_right(method: bytes, target: Target) -> Right:
 
 def authorize(ctx: Context, request: server.Request, user: str | None, target: Target) -> None:
     """
-    Raise L{Forbidden} (and log the refusal once) unless C{user} has the right
-    C{request} needs on C{target}'s repository.
+    Raise L{Forbidden} unless C{user} has the right C{request} needs on
+    C{target}'s repository (the refusal is logged when the request ends).
     """
     needed = needed_right(request.method, target)
     if ctx.access.rights(user, target.repo) & needed:
         return
-    log.warn(
-        "refused {method} {path} for user {user} from {client}: no {right} right",
-        method=request.method.decode("ascii", "replace"),
-        path=request.path.decode("ascii", "replace"),
-        user=user or "-",
-        client=client_host(request),
-        right=(needed.name or "").lower().replace("_", " "),
-    )
     raise Forbidden(f"{(needed.name or '').lower().replace('_', ' ')} access to {repo_label(target.repo)} denied")
 
 
@@ -200,6 +196,10 @@ class TargetResource(ApiResource):
         return resource_for(self.ctx, child, self.user)
 
     def authorize(self, request: server.Request) -> None:
+        outcome = getattr(request, "outcome", None)
+        if outcome is not None:
+            outcome.user = self.user
+            outcome.target = self.target
         authorize(self.ctx, request, self.user, self.target)
 
 
@@ -389,7 +389,7 @@ class StoredFile(TargetResource):
                 and self.kind != "config"
                 and spool.hexdigest() != self.name
             ):
-                raise BadRequest("body does not match its name (sha256)")
+                raise VerificationFailed("body does not match its name (sha256)")
             await self.ctx.ready.wait()
             stored = await self.ctx.run(self.ctx.store.publish, spool, self.repo, self.kind, self.name)
         finally:
@@ -397,8 +397,11 @@ class StoredFile(TargetResource):
             # before it. The worker is done with the file by now.
             if spool is not None:
                 spool.discard()
+        if isinstance(request, SpoolingRequest):
+            request.outcome.stored = stored
+            request.outcome.size = spool.size
         if stored:
-            self.ctx.usage.add(self.repo, self.kind, spool.size)
+            self.ctx.usage.add(self.repo, self.kind, spool.size, self.ctx.now())
         log.debug(
             "{what} {kind}/{name} in {repo} ({size} bytes)",
             what="saved" if stored else "kept identical",
@@ -417,6 +420,8 @@ class StoredFile(TargetResource):
         await self.ctx.ready.wait()
         size = await self.ctx.run(self.ctx.store.delete, self.path)
         if size is not None:
-            self.ctx.usage.remove(self.repo, self.kind, size)
+            self.ctx.usage.remove(self.repo, self.kind, size, self.ctx.now())
+            if isinstance(request, SpoolingRequest):
+                request.outcome.size = size
         log.debug("deleted {kind}/{name} in {repo}", kind=self.kind, name=self.name, repo=repo_label(self.repo))
         return b""

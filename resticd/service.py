@@ -6,7 +6,10 @@ worker threads and the listeners, as one Twisted service.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from twisted.application import internet, service
 from twisted.internet.defer import Deferred, gatherResults
@@ -15,25 +18,32 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from twisted.web import server
 from twisted.web.resource import IResource
 
 from .access import Access, AccessFileSource, Policy
+from .accesslog import AccessLog
 from .auth import AuthGate, Authenticator, Htpasswd, Throttle
 from .config import Config
-from .logs import describe_address, logger, set_debug
+from .errors import ErrorResource, Forbidden, NotFound
+from .health import Health, readiness_problems
+from .logs import RequestLogger, describe_address, logger, set_debug
+from .metrics import Metrics, MetricsResource
 from .paths import Layout, Target
 from .resources import Context, RepoResource
-from .site import ResticSite
+from .site import ResticSite, SiteRoot
 from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
-from .tls import TLSConfigError, server_options
+from .tls import TLSConfigError, certificate_expiry, server_options
 from .usage import Usage, tally
 
 log = logger(__name__)
 
 #: How often the htpasswd and access files are checked for changes, in seconds.
 RELOAD_CHECK_INTERVAL = 5.0
+#: With --private-repos, the only user who may read /metrics (as in rest-server).
+METRICS_USER = "metrics"
 
 
 class StartupError(Exception):
@@ -78,30 +88,71 @@ def make_site(
     authenticator: Authenticator | None = None,
     reactor: Any = None,
     throttle: Throttle | None = None,
+    metrics: Metrics | None = None,
 ) -> ResticSite:
     """
-    The site serving the repositories of C{ctx}: open to all, or behind the
-    configured authentication. C{reactor} runs its timeouts (the global
-    reactor when L{None}).
+    The site serving the repositories of C{ctx} (open to all, or behind the
+    configured authentication), the health endpoints, and with
+    C{--prometheus} the metrics. C{reactor} runs its timeouts and clocks its
+    logs (the global reactor when L{None}).
     """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
 
     def tree_for(user: str | None) -> IResource:
         return RepoResource(ctx, Target(()), user)
 
-    root: IResource
-    if authenticator is None and config.proxy_auth_username is None and config.tls_client_ca is None:
-        root = tree_for(None)
-    else:
+    authenticates = authenticator is not None or config.proxy_auth_username is not None or config.tls_client_ca is not None
+
+    def gate(resource_for: Callable[[str | None], IResource]) -> IResource:
+        if not authenticates:
+            return resource_for(None)
         proxy = config.proxy_auth_username
-        root = AuthGate(
-            tree_for,
+        return AuthGate(
+            resource_for,
             authenticator,
             proxy_header=proxy.encode("ascii") if proxy else None,
             client_cert=config.tls_client_ca is not None,
             throttle=throttle,
         )
+
+    fixed = {b"-": health_resource(config, ctx)}
+    if metrics is not None and config.prometheus:
+        exposition = MetricsResource(metrics.exposition)
+
+        def metrics_for(user: str | None) -> IResource:
+            if config.private_repos and user != METRICS_USER:
+                return ErrorResource(Forbidden(f"only the user {METRICS_USER} may read the metrics"))
+            return exposition
+
+        fixed[b"metrics"] = exposition if config.prometheus_no_auth else gate(metrics_for)
     spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file)
-    return ResticSite(root, spool, ctx.quota, http2=config.http2, debug=config.debug, reactor=reactor)
+    site = ResticSite(SiteRoot(gate(tree_for), fixed), spool, ctx.quota, http2=config.http2, reactor=reactor)
+    site.observers.append(RequestLogger(reactor, config.debug))
+    if metrics is not None:
+        site.observers.append(metrics)
+    return site
+
+
+def health_resource(config: Config, ctx: Context) -> IResource:
+    """
+    C{/-/healthy} and C{/-/ready} for the data directory of C{ctx}.
+    """
+    root = ctx.store.layout.root
+    return Health(lambda: readiness_problems(root, config.min_free_space, ctx.ready.opened))
+
+
+def make_metrics_site(config: Config, ctx: Context, metrics: Metrics, reactor: Any = None) -> server.Site:
+    """
+    The site of C{--prometheus-listen}: metrics and health only, no
+    repositories, no authentication.
+    """
+    fixed = {b"metrics": MetricsResource(metrics.exposition), b"-": health_resource(config, ctx)}
+    site = server.Site(SiteRoot(ErrorResource(NotFound("not found")), fixed), reactor=reactor)
+    site.displayTracebacks = False
+    return site
 
 
 class ResticdService(service.MultiService):
@@ -125,7 +176,13 @@ class ResticdService(service.MultiService):
             self.authenticator = Authenticator(Htpasswd(config.htpasswd_file), self.run, reactor)
         if self.authenticator is not None or self.ctx.access.source is not None:
             internet.TimerService(RELOAD_CHECK_INTERVAL, self.reload).setServiceParent(self)
-        self.site = make_site(config, self.ctx, self.authenticator, reactor, Throttle(reactor))
+        self.metrics: Metrics | None = None
+        if config.prometheus or config.prometheus_listen:
+            self.metrics = Metrics(
+                CollectorRegistry(), self.ctx.usage, self.ctx.access, reactor, self.pool, self.store.layout.root
+            )
+        self.site = make_site(config, self.ctx, self.authenticator, reactor, Throttle(reactor), self.metrics)
+        self.access_log: AccessLog | None = None
         self.ports: list[IListeningPort] = []
         self._prepared = False
         self._previous_sighup: Any = None
@@ -136,6 +193,18 @@ class ResticdService(service.MultiService):
         fails to load is logged and the previous one stays in force.
         """
         return Deferred.fromCoroutine(self._reload())
+
+    def hangup(self) -> Deferred[None]:
+        """
+        What SIGHUP does: reopen the access log and reload what L{reload}
+        reloads.
+        """
+        if self.access_log is not None:
+            try:
+                self.access_log.reopen()
+            except OSError as e:
+                log.error("cannot reopen the access log {path}: {why}", path=self.access_log.path, why=e)
+        return self.reload()
 
     async def _reload(self) -> None:
         if self.authenticator is not None:
@@ -159,6 +228,8 @@ class ResticdService(service.MultiService):
         if config.tls_cert is None or config.tls_key is None:
             return self.site
         options = server_options(config.tls_cert, config.tls_key, config.tls_min_version, config.tls_client_ca)
+        if self.metrics is not None:
+            self.metrics.certificate_expiry.set(certificate_expiry(config.tls_cert))
         return TLSMemoryBIOFactory(options, False, self.site)
 
     def prepare(self) -> None:
@@ -192,10 +263,22 @@ class ResticdService(service.MultiService):
             factory = self.factory()
         except TLSConfigError as e:
             raise StartupError(str(e)) from None
+        if self.config.access_log is not None:
+            try:
+                self.access_log = AccessLog(self.config.access_log, self.reactor)
+            except OSError as e:
+                raise StartupError(f"cannot open --log {self.config.access_log}: {e.strerror}") from None
+            self.site.observers.append(self.access_log)
         for description in self.config.listen:
             self.ports.append(self._listen(description, factory))
+        if self.config.prometheus_listen is not None:
+            assert self.metrics is not None
+            metrics_site = make_metrics_site(self.config, self.ctx, self.metrics, self.reactor)
+            self.ports.append(self._listen(self.config.prometheus_listen, metrics_site, "http", "metrics"))
 
-    def _listen(self, description: str, factory: IProtocolFactory) -> IListeningPort:
+    def _listen(
+        self, description: str, factory: IProtocolFactory, scheme: str | None = None, what: str = "repositories"
+    ) -> IListeningPort:
         outcome: list[IListeningPort | Failure] = []
         try:
             endpoint = serverFromString(self.reactor, description)
@@ -206,10 +289,13 @@ class ResticdService(service.MultiService):
         if not IListeningPort.providedBy(port):
             why = port.getErrorMessage() if isinstance(port, Failure) else "did not start"
             raise StartupError(f"cannot listen on {description}: {why}")
+        if scheme is None:
+            scheme = "https" if self.config.tls else "http"
         log.info(
-            "resticd serving {path} on {address}",
+            "resticd serving {what} of {path} on {address}" if what != "repositories" else "resticd serving {path} on {address}",
+            what=what,
             path=self.config.path,
-            address=describe_address(port.getHost(), "https" if self.config.tls else "http"),
+            address=describe_address(port.getHost(), scheme),
         )
         return port
 
@@ -244,12 +330,14 @@ class ResticdService(service.MultiService):
     def startService(self) -> None:
         self._prepare_or_exit()
         self.pool.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.ctx.ready.close()
         Deferred.fromCoroutine(self._tally())
         if hasattr(signal, "SIGHUP"):
             try:
                 self._previous_sighup = signal.signal(
-                    signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.reload)
+                    signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.hangup)
                 )
             except ValueError:  # not the main thread (tests)
                 self._previous_sighup = None
@@ -259,6 +347,8 @@ class ResticdService(service.MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        if self.metrics is not None:
+            self.metrics.stop()
         stopping = [port.stopListening() for port in self.ports]
         self.ports = []
         d = super().stopService()

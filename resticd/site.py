@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from twisted.web.resource import IResource
 
-from .spool import Spool, SpoolingRequest
+from .request import RequestObserver, SpoolingRequest
+from .spool import Spool
 from .usage import Quota
 
 #: Idle keep-alive connections are closed after this many seconds; Go's client
@@ -20,9 +21,8 @@ IDLE_TIMEOUT = 180
 class ResticSite(server.Site):
     """
     A L{server.Site} whose requests stream their bodies into C{spool} (their
-    uploads checked early against C{quota}), which
-    offers HTTP/2 by ALPN only when C{http2} is true, logs a line per request
-    only when C{debug} is true, and never shows tracebacks to clients.
+    uploads checked early against C{quota}), which offers HTTP/2 by ALPN only
+    when C{http2} is true, and never shows tracebacks to clients.
     """
 
     displayTracebacks = False
@@ -33,7 +33,6 @@ class ResticSite(server.Site):
         spool: Spool,
         quota: Quota | None = None,
         http2: bool = True,
-        debug: bool = False,
         reactor: Any = None,
     ) -> None:
         super().__init__(
@@ -41,15 +40,40 @@ class ResticSite(server.Site):
         )
         self.spool = spool
         self.quota = quota
+        #: Told about every request as it starts and ends (metrics, logs).
+        self.observers: list[RequestObserver] = []
         self.http2 = http2
-        self.debug = debug
 
     def log(self, request: http.Request) -> None:
-        if self.debug:
-            super().log(request)
+        # Requests are logged by the observers (resticd.logs.RequestLogger and
+        # the access log), which know the authenticated user.
+        pass
 
     def acceptableProtocols(self) -> list[bytes]:
         protocols: list[bytes] = super().acceptableProtocols()
         if not self.http2:
             protocols = [p for p in protocols if p != b"h2"]
         return protocols
+
+
+class SiteRoot(resource.Resource):
+    """
+    The root of a site: a few fixed children (health, metrics) and, for
+    every other path, the repository tree (which sees the whole path, the
+    root repository included).
+    """
+
+    def __init__(self, repos: IResource, fixed: dict[bytes, IResource]) -> None:
+        super().__init__()
+        self.repos = repos
+        self.fixed = fixed
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:
+        child = self.fixed.get(path)
+        if child is not None:
+            return child
+        request.postpath.insert(0, request.prepath.pop())  # type: ignore[union-attr]
+        return self.repos
+
+    def render(self, request: server.Request) -> bytes | int:
+        return self.repos.render(request)  # type: ignore[no-any-return]

@@ -15,6 +15,7 @@ from twisted.python import usage
 from . import __version__
 from .config import Config
 from .access import parse_size
+from .health import MinFree
 from .tls import MIN_VERSIONS
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)\Z")
@@ -66,6 +67,9 @@ class Options(usage.Options):
         ["tls-client-ca", None, None, "Require client certificates signed by a CA in this PEM file; the certificate's common name is the user."],
         ["access-file", None, None, "TOML file of rights and quotas per user and repository (see etc/access.toml)."],
         ["max-size", None, None, "Most bytes the whole data directory may hold, e.g. 500G or 2T; more is refused with 507."],
+        ["prometheus-listen", None, None, "Also serve /metrics and the health endpoints, without authentication, on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
+        ["log", None, None, "Write an access log in Apache's combined format to this file (- for standard output); reopened on SIGHUP."],
+        ["min-free-space", None, "1%", "Free space on the data directory's filesystem below which /-/ready answers 503: a percentage or a size."],
     ]
     optFlags = [
         ["tls", None, "Turn TLS on with <path>/public_key and <path>/private_key (rest-server's layout)."],
@@ -76,6 +80,8 @@ class Options(usage.Options):
         ["allow-repo-delete", None, "Allow DELETE of a whole repository."],
         ["append-only", None, "Allow creating but not deleting or replacing anything except locks."],
         ["private-repos", None, "Let each user use only the repositories /<user>/ and /<user>/<name>/."],
+        ["prometheus", None, "Serve Prometheus metrics at /metrics (a valid login is needed unless --prometheus-no-auth)."],
+        ["prometheus-no-auth", None, "Serve /metrics without authentication (implies --prometheus)."],
         ["debug", None, "Log every request."],
     ]
 
@@ -156,6 +162,16 @@ def config_from(options: usage.Options) -> Config:
     access_file = options["access-file"]
     if access_file is not None and not os.access(access_file, os.R_OK):
         raise _fail(f"--access-file {access_file}: not a readable file")
+    prometheus_listen = None
+    if options["prometheus-listen"] is not None:
+        try:
+            prometheus_listen = endpoint_description(options["prometheus-listen"])
+        except ValueError as e:
+            raise _fail(f"--prometheus-listen: {e}") from None
+    try:
+        min_free = MinFree.parse(options["min-free-space"])
+    except ValueError as e:
+        raise _fail(f"--min-free-space: {e}") from None
     max_size = None
     if options["max-size"] is not None:
         try:
@@ -179,6 +195,11 @@ def config_from(options: usage.Options) -> Config:
         private_repos=bool(options["private-repos"]),
         max_size=max_size,
         access_file=os.path.abspath(access_file) if access_file else None,
+        prometheus=bool(options["prometheus"] or options["prometheus-no-auth"]),
+        prometheus_no_auth=bool(options["prometheus-no-auth"]),
+        prometheus_listen=prometheus_listen,
+        access_log=options["log"] if options["log"] in (None, "-") else os.path.abspath(options["log"]),
+        min_free_space=min_free,
         debug=bool(options["debug"]),
     )
 

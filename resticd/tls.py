@@ -75,3 +75,11 @@ def server_options(
     except Exception as e:
         raise TLSConfigError(f"{key_path} does not match {cert_path}: {e}") from None
     return options
+
+
+def certificate_expiry(cert_path: str) -> float:
+    """
+    When the (first) certificate in C{cert_path} expires, as a Unix time.
+    """
+    certificate = x509.load_pem_x509_certificates(_read(cert_path))[0]
+    return certificate.not_valid_after_utc.timestamp()

@@ -56,24 +56,42 @@ class Usage:
     def __init__(self) -> None:
         self.repos: dict[Repo, dict[str, Counts]] = {}
         self._totals: dict[Scope, int] = {}
+        #: When each repository was last written to, and got its last snapshot
+        #: (Unix time).
+        self.last_write: dict[Repo, float] = {}
+        self.last_snapshot: dict[Repo, float] = {}
 
     def _count(self, repo: Repo, size: int) -> None:
         for scope in scopes_of(repo):
             self._totals[scope] = self._totals.get(scope, 0) + size
 
-    def add(self, repo: Repo, kind: str, size: int) -> None:
+    def touch(self, repo: Repo, kind: str, when: float) -> None:
         """
-        One object of C{size} bytes was stored.
+        The repository was written to at C{when} (a snapshot, for kind
+        C{snapshots}).
+        """
+        if when > self.last_write.get(repo, 0.0):
+            self.last_write[repo] = when
+        if kind == "snapshots" and when > self.last_snapshot.get(repo, 0.0):
+            self.last_snapshot[repo] = when
+
+    def add(self, repo: Repo, kind: str, size: int, when: float | None = None) -> None:
+        """
+        One object of C{size} bytes was stored (at C{when}, if given).
         """
         counts = self.repos.setdefault(repo, {}).setdefault(kind, Counts())
         counts.bytes += size
         counts.objects += 1
         self._count(repo, size)
+        if when is not None:
+            self.touch(repo, kind, when)
 
-    def remove(self, repo: Repo, kind: str, size: int) -> None:
+    def remove(self, repo: Repo, kind: str, size: int, when: float | None = None) -> None:
         """
-        One object of C{size} bytes was deleted.
+        One object of C{size} bytes was deleted (at C{when}, if given).
         """
+        if when is not None:
+            self.touch(repo, kind, when)
         counts = self.repos.get(repo, {}).get(kind)
         if counts is None or counts.objects == 0:
             return
@@ -88,6 +106,8 @@ class Usage:
         """
         self._count(repo, -self.repo_bytes(repo))
         self.repos.pop(repo, None)
+        self.last_write.pop(repo, None)
+        self.last_snapshot.pop(repo, None)
 
     def load(self, other: Usage) -> None:
         """
@@ -95,6 +115,8 @@ class Usage:
         """
         self.repos = other.repos
         self._totals = other._totals
+        self.last_write = other.last_write
+        self.last_snapshot = other.last_snapshot
 
     def repo_bytes(self, repo: Repo) -> int:
         """
@@ -172,12 +194,23 @@ def tally(store: Store) -> Usage:
             for directory in store.list_dirs(repo, kind):
                 for _, size in store.list_dir(directory):
                     usage.add(repo, kind, size)
+                # A directory's mtime is when an entry was last added or
+                # removed: the last write to it.
+                try:
+                    usage.touch(repo, "", os.stat(directory).st_mtime)
+                except FileNotFoundError:
+                    pass
+        for name, _ in store.list_dir(store.layout.type_dir(repo, "snapshots")):
+            try:
+                usage.touch(repo, "snapshots", os.stat(store.layout.object_path(repo, "snapshots", name)).st_mtime)
+            except FileNotFoundError:
+                pass
         try:
             st = os.stat(store.layout.config_path(repo))
         except FileNotFoundError:
             pass
         else:
-            usage.add(repo, "config", st.st_size)
+            usage.add(repo, "config", st.st_size, st.st_mtime)
     return usage
 
 

@@ -23,6 +23,9 @@ from twisted.python.failure import Failure
 from resticd.auth import Authenticator
 from resticd.config import Config
 from resticd.paths import Layout
+from prometheus_client import CollectorRegistry
+
+from resticd.metrics import Metrics
 from resticd.resources import Context
 from resticd.service import make_context, make_site, make_store
 from resticd.site import ResticSite
@@ -151,6 +154,8 @@ class Server:
     client: SiteClient
     reactor: MemoryReactorClock
     ctx: Context
+    #: With prometheus=True: the metrics, in a registry of their own.
+    metrics: Metrics | None = None
 
     @property
     def layout(self) -> Layout:
@@ -168,7 +173,8 @@ def make_server(
 ) -> Server:
     """
     A prepared data directory at C{root} served by a site configured like
-    C{Config(path=root, **overrides)}, its blocking work run by C{run}.
+    C{Config(path=root, **overrides)}, its blocking work run by C{run};
+    with C{prometheus=True}, with metrics in a fresh registry.
     """
     config = replace(Config(path=root), **overrides)
     store = make_store(config)
@@ -177,5 +183,8 @@ def make_server(
     ctx.access.refresh()
     ctx.usage.load(tally(store))
     reactor = MemoryReactorClock()
-    site = make_site(config, ctx, authenticator, reactor)
-    return Server(config, store, site, SiteClient(site), reactor, ctx)
+    metrics = None
+    if config.prometheus:
+        metrics = Metrics(CollectorRegistry(), ctx.usage, ctx.access, reactor, root=root)
+    site = make_site(config, ctx, authenticator, reactor, metrics=metrics)
+    return Server(config, store, site, SiteClient(site), reactor, ctx, metrics)

@@ -1,0 +1,151 @@
+"""
+The request class of the site: streams upload bodies into the spool, checks
+them against quotas as they arrive, and records what became of each request
+(L{Outcome}) for the access log and the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.web import server
+
+from .errors import InsufficientStorage, ResticdError
+from .paths import Target, parse_path
+from .spool import Spool, SpoolFile
+
+if TYPE_CHECKING:
+    from .usage import Quota, Reservation
+
+
+@dataclass
+class Outcome:
+    """
+    What a request was and what became of it, filled in as it is served.
+    """
+
+    #: The authenticated user, if any.
+    user: str | None = None
+    #: The repository, type and object it addressed, once routed.
+    target: Target | None = None
+    #: The error it was answered with, if any.
+    error: ResticdError | None = None
+    #: Why authentication failed: missing, password, certificate, proxy_header, throttled.
+    auth_failure: str | None = None
+    #: For uploads: whether the object was stored (False: an identical one was there).
+    stored: bool | None = None
+    #: Bytes uploaded or deleted.
+    size: int = 0
+
+
+class RequestObserver(Protocol):
+    """
+    Told about every request when it starts and when it ends.
+    """
+
+    def started(self, request: SpoolingRequest) -> None: ...
+
+    def finished(self, request: SpoolingRequest, completed: bool) -> None: ...
+
+
+class _Site(Protocol):
+    spool: Spool
+    quota: Quota | None
+    observers: list[RequestObserver]
+
+
+def request_line(request: server.Request) -> tuple[bytes | None, bytes | None]:
+    """
+    The method and path of a request whose body has not arrived yet, from
+    its channel: twisted.web sets C{request.method} and C{request.path} only
+    once the whole body is in. (HTTP/2 streams keep them as C{command} and
+    C{path}; HTTP/1.1 channels as C{_command} and C{_path} while parsing.)
+    """
+    channel = request.channel
+    for method_name, path_name in (("command", "path"), ("_command", "_path")):
+        method = getattr(channel, method_name, None)
+        if isinstance(method, bytes):
+            path = getattr(channel, path_name, None)
+            return method, path if isinstance(path, bytes) else None
+    return None, None
+
+
+class SpoolingRequest(server.Request):
+    """
+    A L{server.Request} that streams its body into a L{SpoolFile} of the
+    site's L{Spool} instead of buffering it in memory or C{$TMPDIR}.
+
+    The site (the channel's C{site}) must have C{spool} and C{quota}
+    attributes. An upload is checked against the quota as soon as its
+    Content-Length is known and again as its body grows past it; a refused
+    body is read and dropped, never written, and the refusal is kept in
+    L{refusal} for the render to answer. The render takes the file with
+    L{take_spool}; whatever is not taken is discarded, and the quota
+    reservation released, when the request ends, however it ends.
+    """
+
+    spool_file: SpoolFile | None = None
+    refusal: Exception | None = None
+    reservation: Reservation | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The body is never a form: keep twisted.web from parsing it.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
+        self.outcome = Outcome()
+        self.observers: list[RequestObserver] = list(getattr(getattr(self.channel, "site", None), "observers", ()))
+        for observer in self.observers:
+            observer.started(self)
+        self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length == 0:
+            return
+        site: _Site = self.channel.site  # type: ignore[attr-defined]
+        method, path = request_line(self)
+        target = parse_path(path) if method == b"POST" and path is not None else None
+        if site.quota is not None and target is not None and target.name is not None:
+            try:
+                self.reservation = site.quota.reserve(target.repo, length or 0)
+            except InsufficientStorage as e:
+                self.refusal = e
+                return
+        try:
+            self.spool_file = site.spool.open()
+        except OSError as e:
+            self.refusal = e
+
+    def handleContentChunk(self, data: bytes) -> None:
+        spool = self.spool_file
+        if spool is None:
+            return
+        reservation = self.reservation
+        if reservation is not None and spool.size + len(data) > reservation.bytes:
+            try:
+                reservation.grow(spool.size + len(data) - reservation.bytes)
+            except InsufficientStorage as e:
+                self.refusal = e
+                self.spool_file = None
+                spool.discard()
+                return
+        spool.write(data)
+
+    def take_spool(self) -> SpoolFile | None:
+        """
+        Hand the body's spool file to the caller, who must then sync or
+        discard it; L{None} for an empty or refused body.
+        """
+        spool_file, self.spool_file = self.spool_file, None
+        return spool_file
+
+    def _finished(self, result: object, completed: bool = True) -> None:
+        if self.spool_file is not None:
+            self.spool_file.discard()
+            self.spool_file = None
+        if self.reservation is not None:
+            self.reservation.release()
+        for observer in self.observers:
+            observer.finished(self, completed)
