@@ -9,9 +9,11 @@ independent of the others, so write-only (C{append}) and read-only users are
 both possible.
 
 The policy comes from the command-line flags (C{--append-only},
-C{--private-repos}, C{--allow-repo-delete}) and, optionally, an access file
+C{--private-repos}, C{--allow-repo-delete}) or from an access file
 (C{--access-file}, TOML) with rules per user and repository pattern and
-quotas; the flags then still apply on top of the file, as caps.
+quotas. With an access file, its C{admin} right (not C{--allow-repo-delete})
+decides who may delete repositories, and C{--append-only} and
+C{--private-repos} still apply on top of it, as caps.
 """
 
 from __future__ import annotations
@@ -216,12 +218,22 @@ def parse_access_file(text: str) -> AccessFile:
     quota = data.get("quota", {})
     if not isinstance(quota, dict) or set(quota) - {"users", "repos"}:
         raise ValueError("[quota]: expected [quota.users] and/or [quota.repos]")
+    sizes: dict[str, dict[str, int]] = {}
+    for scope in ("users", "repos"):
+        table = quota.get(scope, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"[quota.{scope}]: expected a table of name = size")
+        sizes[scope] = {}
+        for name, value in table.items():
+            try:
+                sizes[scope][name] = parse_size(value)
+            except ValueError as e:
+                raise ValueError(f"[quota.{scope}]: {name!r}: {e}") from None
     try:
-        user_quotas = {name: parse_size(v) for name, v in quota.get("users", {}).items()}
-        repo_quotas = tuple((Pattern.parse(p), parse_size(v)) for p, v in quota.get("repos", {}).items())
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"[quota]: {e}") from None
-    return AccessFile(users, default, user_quotas, repo_quotas)
+        repo_quotas = tuple((Pattern.parse(p), v) for p, v in sizes["repos"].items())
+    except ValueError as e:
+        raise ValueError(f"[quota.repos]: {e}") from None
+    return AccessFile(users, default, sizes["users"], repo_quotas)
 
 
 @dataclass(frozen=True)
@@ -270,10 +282,10 @@ class AccessFileSource:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         if signature == self._signature:
             return False
-        with open(self.path, "rb") as f:
-            parsed = parse_access_file(f.read().decode("utf-8"))
-        self.current = parsed
+        # A version that fails to load is reported once, not at every check.
         self._signature = signature
+        with open(self.path, "rb") as f:
+            self.current = parse_access_file(f.read().decode("utf-8"))
         return True
 
 

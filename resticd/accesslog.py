@@ -12,28 +12,8 @@ from typing import IO
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import datetimeToLogString
 
-from .logs import client_host
+from .logs import client_host, printable
 from .request import SpoolingRequest
-
-
-def _quoted(value: bytes | str | None) -> str:
-    """
-    A request field for a double-quoted log field: non-printable bytes, quotes
-    and backslashes escaped, so a client cannot forge log lines.
-    """
-    if value is None:
-        return "-"
-    raw = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
-    out = []
-    for byte in raw:
-        char = chr(byte)
-        if char in '"\\':
-            out.append("\\" + char)
-        elif 0x20 <= byte < 0x7F:
-            out.append(char)
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
 
 
 def combined_line(request: SpoolingRequest, now: float) -> str:
@@ -43,15 +23,15 @@ def combined_line(request: SpoolingRequest, now: float) -> str:
     user = request.outcome.user
     return '{host} - {user} {time} "{method} {uri} {proto}" {code} {size} "{referer}" "{agent}"'.format(
         host=client_host(request),
-        user=_quoted(user) if user else "-",
+        user=printable(user) if user else "-",
         time=datetimeToLogString(now),
-        method=_quoted(request.method),
-        uri=_quoted(request.uri),
-        proto=_quoted(request.clientproto),
+        method=printable(request.method),
+        uri=printable(request.uri),
+        proto=printable(request.clientproto),
         code=request.code,
         size=request.sentLength or "-",
-        referer=_quoted(request.getHeader(b"referer")),
-        agent=_quoted(request.getHeader(b"user-agent")),
+        referer=printable(request.getHeader(b"referer")),
+        agent=printable(request.getHeader(b"user-agent")),
     )
 
 

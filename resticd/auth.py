@@ -107,12 +107,13 @@ class Htpasswd:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         if signature == self._signature:
             return False
+        # A version that fails to load is reported once, not at every check.
+        self._signature = signature
         with open(self.path, encoding="utf-8") as f:
             entries, warnings = parse_htpasswd(f.read())
         for warning in warnings:
             log.warn("{path}: {warning}", path=self.path, warning=warning)
         self.entries = entries
-        self._signature = signature
         log.info("loaded {count} users from {path}", count=len(entries), path=self.path)
         return True
 
@@ -321,6 +322,12 @@ class AuthGate:
             outcome.user = user
         return ErrorResource(error)
 
+    def _let_in(self, request: IRequest, user: str | None) -> IResource:
+        outcome = getattr(request, "outcome", None)
+        if outcome is not None:
+            outcome.user = user
+        return self.tree_for(user)
+
     def _gate(self, request: IRequest) -> IResource:
         client = client_host(request)
         if self.throttle is not None:
@@ -334,12 +341,12 @@ class AuthGate:
             name = raw.decode("utf-8", "replace")
             if not is_valid_user_name(name):
                 return self._refuse(request, BadRequest("invalid user name in the proxy's header"), "proxy_header")
-            return self.tree_for(name)
+            return self._let_in(request, name)
         cert_user = peer_common_name(request) if self.client_cert else None
         if self.client_cert and (cert_user is None or not is_valid_user_name(cert_user)):
             return self._refuse(request, Forbidden("a client certificate naming a user is required"), "certificate")
         if self.authenticator is None:
-            return self.tree_for(cert_user)
+            return self._let_in(request, cert_user)
         credentials = parse_basic(request.getHeader(b"authorization"))
         if credentials is None:
             return self._refuse(request, Unauthorized(), "missing")
@@ -349,12 +356,12 @@ class AuthGate:
                 request, Forbidden(f"the client certificate is for {cert_user}, not this user"), "certificate", user
             )
         if self.authenticator.cached(user, password):
-            return self.tree_for(user)
+            return self._let_in(request, user)
         checked = Deferred.fromCoroutine(self.authenticator.check(user, password))
 
         def decide(ok: bool) -> IResource:
             if ok:
-                return self.tree_for(user)
+                return self._let_in(request, user)
             if self.throttle is not None and self.throttle.failed(client):
                 log.warn(
                     "blocking {client} for {seconds} s after repeated failed logins",

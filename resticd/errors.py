@@ -148,13 +148,6 @@ def render_failure(request: IRequest, failure: Failure) -> None:
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("ascii", "replace"),
         )
-    elif error.status == 507:
-        log.warn(
-            "{method} {uri}: insufficient storage ({why})",
-            method=request.method.decode("ascii", "replace"),
-            uri=request.uri.decode("ascii", "replace"),
-            why=failure.getErrorMessage(),
-        )
     if getattr(request, "_disconnected", False) or getattr(request, "finished", False):
         return
     request.write(error_body(request, error))

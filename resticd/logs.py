@@ -55,6 +55,26 @@ def describe_address(address: IAddress, scheme: str = "http") -> str:
     return str(address)
 
 
+def printable(value: bytes | str | None) -> str:
+    """
+    A client-supplied value made safe for a log line: non-printable bytes,
+    quotes and backslashes escaped, so that a client cannot forge lines.
+    """
+    if value is None:
+        return "-"
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
+    out = []
+    for byte in raw:
+        char = chr(byte)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= byte < 0x7F:
+            out.append(char)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
 def client_host(request: IRequest) -> str:
     """
     The client's address as shown in logs and used for throttling.
@@ -88,10 +108,10 @@ class RequestLogger:
         started = self._starts.pop(id(request), None)
         outcome = request.outcome
         fields = dict(
-            method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("ascii", "replace"),
+            method=printable(request.method),
+            path=printable(request.path),
             status=request.code,
-            user=outcome.user or "-",
+            user=printable(outcome.user),
             client=client_host(request),
         )
         if completed and request.code in REFUSALS:
@@ -102,8 +122,8 @@ class RequestLogger:
             self.log.info(
                 '"{method} {uri} {protocol}" {status} {bytes} bytes for user {user} from {client}'
                 " in {duration:.3f} s{aborted}",
-                uri=request.uri.decode("ascii", "replace"),
-                protocol=request.clientproto.decode("ascii", "replace"),
+                uri=printable(request.uri),
+                protocol=printable(request.clientproto),
                 bytes=request.sentLength,
                 duration=duration,
                 aborted="" if completed else " (client went away)",

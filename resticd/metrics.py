@@ -117,11 +117,7 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
-        self.certificate_expiry = Gauge(
-            "resticd_tls_certificate_expiry_timestamp_seconds",
-            "When the served TLS certificate expires (Unix time)",
-            registry=registry,
-        )
+        self._certificate_expiry: Gauge | None = None
         build = Gauge(
             "resticd_build_info",
             "Versions of resticd, Twisted and Python",
@@ -134,6 +130,19 @@ class Metrics:
         self._lag.clock = clock
         self._expected: float | None = None
         self._starts: dict[int, float] = {}
+
+    def set_certificate_expiry(self, when: float) -> None:
+        """
+        Export when the served TLS certificate expires (only servers with TLS
+        have this metric).
+        """
+        if self._certificate_expiry is None:
+            self._certificate_expiry = Gauge(
+                "resticd_tls_certificate_expiry_timestamp_seconds",
+                "When the served TLS certificate expires (Unix time)",
+                registry=self.registry,
+            )
+        self._certificate_expiry.set(when)
 
     # -- request observer ----------------------------------------------------
 

@@ -24,7 +24,7 @@ MAX_REPO_DEPTH: Final = 2
 SPOOL_DIR: Final = ".spool"
 
 _NAME = re.compile(r"[0-9a-f]{64}\Z")
-_REPO = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_REPO = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,127}\Z")
 
 Repo = tuple[str, ...]
 
@@ -40,8 +40,9 @@ def is_repo_segment(segment: str) -> bool:
     """
     Whether C{segment} may name one level of a repository path.
 
-    Allowed are ASCII letters, digits, C{_}, C{-} and C{.}, not as the first
-    character for the last two (so C{.}, C{..}, hidden names and C{-} are
+    Allowed are ASCII letters, digits, C{_}, C{-}, C{.} and C{@} (so that
+    user names such as C{alice@example.org} can own repositories), not as the
+    first character for the last three (so C{.}, C{..}, hidden names and C{-} are
     never repositories), and never an object type or C{config}.
     """
     return _REPO.match(segment) is not None and segment not in RESERVED

@@ -18,7 +18,6 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web import server
 from twisted.web.resource import IResource
 
 from .access import Access, AccessFileSource, Policy
@@ -31,7 +30,7 @@ from .logs import RequestLogger, describe_address, logger, set_debug
 from .metrics import Metrics, MetricsResource
 from .paths import Layout, Target
 from .resources import Context, RepoResource
-from .site import ResticSite, SiteRoot
+from .site import QuietSite, ResticSite, SiteRoot
 from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
@@ -144,15 +143,13 @@ def health_resource(config: Config, ctx: Context) -> IResource:
     return Health(lambda: readiness_problems(root, config.min_free_space, ctx.ready.opened))
 
 
-def make_metrics_site(config: Config, ctx: Context, metrics: Metrics, reactor: Any = None) -> server.Site:
+def make_metrics_site(config: Config, ctx: Context, metrics: Metrics, reactor: Any = None) -> QuietSite:
     """
     The site of C{--prometheus-listen}: metrics and health only, no
     repositories, no authentication.
     """
     fixed = {b"metrics": MetricsResource(metrics.exposition), b"-": health_resource(config, ctx)}
-    site = server.Site(SiteRoot(ErrorResource(NotFound("not found")), fixed), reactor=reactor)
-    site.displayTracebacks = False
-    return site
+    return QuietSite(SiteRoot(ErrorResource(NotFound("not found")), fixed), reactor=reactor)
 
 
 class ResticdService(service.MultiService):
@@ -229,7 +226,7 @@ class ResticdService(service.MultiService):
             return self.site
         options = server_options(config.tls_cert, config.tls_key, config.tls_min_version, config.tls_client_ca)
         if self.metrics is not None:
-            self.metrics.certificate_expiry.set(certificate_expiry(config.tls_cert))
+            self.metrics.set_certificate_expiry(certificate_expiry(config.tls_cert))
         return TLSMemoryBIOFactory(options, False, self.site)
 
     def prepare(self) -> None:

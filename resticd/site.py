@@ -18,14 +18,24 @@ from .usage import Quota
 IDLE_TIMEOUT = 180
 
 
-class ResticSite(server.Site):
+class QuietSite(server.Site):
     """
-    A L{server.Site} whose requests stream their bodies into C{spool} (their
-    uploads checked early against C{quota}), which offers HTTP/2 by ALPN only
-    when C{http2} is true, and never shows tracebacks to clients.
+    A L{server.Site} that shows no tracebacks and leaves request logging to
+    resticd's own observers (which know the authenticated user).
     """
 
     displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+class ResticSite(QuietSite):
+    """
+    A L{server.Site} whose requests stream their bodies into C{spool} (their
+    uploads checked early against C{quota}), and which offers HTTP/2 by ALPN
+    only when C{http2} is true.
+    """
 
     def __init__(
         self,
@@ -43,11 +53,6 @@ class ResticSite(server.Site):
         #: Told about every request as it starts and ends (metrics, logs).
         self.observers: list[RequestObserver] = []
         self.http2 = http2
-
-    def log(self, request: http.Request) -> None:
-        # Requests are logged by the observers (resticd.logs.RequestLogger and
-        # the access log), which know the authenticated user.
-        pass
 
     def acceptableProtocols(self) -> list[bytes]:
         protocols: list[bytes] = super().acceptableProtocols()

@@ -76,16 +76,23 @@ def remove_user(lines: list[str], user: str) -> list[str]:
 def write_atomically(path: str, lines: list[str]) -> None:
     """
     Replace C{path} with C{lines}, durably and all at once, keeping the
-    permission bits of the file it replaces (0600 for a new file).
+    permission bits and owner of the file it replaces (0600 for a new file).
     """
+    owner: tuple[int, int] | None = None
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        st = os.stat(path)
     except FileNotFoundError:
         mode = 0o600
+    else:
+        mode = st.st_mode & 0o7777
+        owner = (st.st_uid, st.st_gid)
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".htpasswd-")
     try:
         os.fchmod(fd, mode)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            # Run as root on the daemon's file: keep it the daemon's.
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
             f.flush()
@@ -130,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("user")
     commands.add_parser("list", help="list the users")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except OSError as e:
+        raise SystemExit(f"resticd-users: {args.file}: {e.strerror}") from None
 
+
+def _run(args: argparse.Namespace) -> int:
     lines = read_lines(args.file)
     if args.command == "list":
         for line in lines:

@@ -1,21 +1,27 @@
 """
 The documentation against the command line it documents: README.md and
 man/resticd.8 describe every option of C{twistd resticd --help} and no other,
-the manual page lints clean, README.md starts with the two make commands, and
-the C{--listen} examples mean what they say.
+man/resticd-users.8 every command and option of C{resticd-users --help} and
+no other, the manual pages lint clean, README.md starts with the two make
+commands, and the C{--listen} examples mean what they say.
 
 The options are taken from L{resticd.tap.Options} and its C{--help} output,
-never from a list kept here, so a new option fails these tests until it is
-documented.
+and the commands of C{resticd-users} from the parser L{resticd.users.main}
+builds, never from a list kept here, so a new option or command fails these
+tests until it is documented.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from twisted.internet import endpoints
@@ -23,11 +29,14 @@ from twisted.internet.interfaces import IStreamServerEndpointStringParser
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 
+from resticd import users
 from resticd.tap import Options, endpoint_description
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MANPAGE = ROOT / "man" / "resticd.8"
+USERS_MANPAGE = ROOT / "man" / "resticd-users.8"
+MANPAGES = [MANPAGE, USERS_MANPAGE]
 MAKEFILE = ROOT / "Makefile"
 UNIT = ROOT / "etc" / "systemd" / "resticd.service"
 DEFAULTS = ROOT / "etc" / "default" / "resticd"
@@ -122,16 +131,17 @@ def deroff(lines: list[str]) -> str:
     return " ".join(" ".join(deroff_line(line) for line in lines).split())
 
 
-def man_lines() -> list[str]:
-    return MANPAGE.read_text(encoding="utf-8").splitlines()
+def man_lines(page: Path = MANPAGE) -> list[str]:
+    return page.read_text(encoding="utf-8").splitlines()
 
 
-def man_section(title: str) -> list[str]:
+def man_section(title: str, page: Path = MANPAGE) -> list[str]:
     """
-    The source lines of one C{.SH} section of the manual page.
+    The source lines of one C{.SH} section of a manual page (by default
+    man/resticd.8).
     """
     section: list[str] | None = None
-    for line in man_lines():
+    for line in man_lines(page):
         if line.startswith(".SH"):
             if section is not None:
                 break
@@ -140,8 +150,19 @@ def man_section(title: str) -> list[str]:
             continue
         if section is not None:
             section.append(line)
-    assert section is not None, f"man/resticd.8 has no {title} section"
+    assert section is not None, f"man/{page.name} has no {title} section"
     return section
+
+
+def man_tags(lines: list[str]) -> list[str]:
+    """
+    The tags of the C{.TP} entries among some manual page lines, as text.
+    """
+    return [
+        " ".join(deroff_line(lines[i + 1]).split())
+        for i, line in enumerate(lines[:-1])
+        if re.match(r"\.TP\b", line)
+    ]
 
 
 class ManOption:
@@ -312,10 +333,12 @@ def test_manpage_entries_carry_the_help_sentences() -> None:
     assert lacking == {}, "manual page entries lack these facts of --help"
 
 
-def test_manpage_has_no_mandoc_lint_output() -> None:
+@pytest.mark.parametrize("page", MANPAGES, ids=lambda page: page.name)
+def test_manpage_has_no_mandoc_lint_output(page: Path) -> None:
     """
-    C{mandoc -Tlint man/resticd.8} reports nothing (apart from mdoc-only
-    style notes); without mandoc the test is skipped, except on CI.
+    C{mandoc -Tlint} reports nothing for man/resticd.8 and
+    man/resticd-users.8 (apart from mdoc-only style notes); without mandoc
+    the test is skipped, except on CI.
     """
     mandoc = shutil.which("mandoc")
     if mandoc is None:
@@ -323,22 +346,23 @@ def test_manpage_has_no_mandoc_lint_output() -> None:
             pytest.fail("mandoc is not installed")
         pytest.skip("mandoc is not installed")
     result = subprocess.run(
-        [mandoc, "-Tlint", str(MANPAGE)], capture_output=True, text=True, check=False, timeout=60
+        [mandoc, "-Tlint", str(page)], capture_output=True, text=True, check=False, timeout=60
     )
     output = [line for line in (result.stdout + result.stderr).splitlines() if not IGNORED_LINT.search(line)]
     assert output == []
 
 
-def test_manpage_has_no_groff_warnings() -> None:
+@pytest.mark.parametrize("page", MANPAGES, ids=lambda page: page.name)
+def test_manpage_has_no_groff_warnings(page: Path) -> None:
     """
-    C{groff -man -ww -z man/resticd.8} prints no warning (skipped without
-    groff).
+    C{groff -man -ww -z} prints no warning for man/resticd.8 and
+    man/resticd-users.8 (skipped without groff).
     """
     groff = shutil.which("groff")
     if groff is None:
         pytest.skip("groff is not installed")
     result = subprocess.run(
-        [groff, "-man", "-ww", "-z", str(MANPAGE)], capture_output=True, text=True, check=False, timeout=60
+        [groff, "-man", "-ww", "-z", str(page)], capture_output=True, text=True, check=False, timeout=60
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
@@ -353,7 +377,9 @@ def test_manpage_sections() -> None:
         "SYNOPSIS",
         "DESCRIPTION",
         "OPTIONS",
+        "ACCESS FILE",
         "PROTOCOL",
+        "SIGNALS",
         "FILES",
         "EXIT STATUS",
         "EXAMPLES",
@@ -472,14 +498,6 @@ def test_manpage_listen_examples_are_usable() -> None:
     assert wrong == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the --listen help of resticd.tap.Options shows tcp:8000:interface=::1, which "
-        "Twisted cannot parse (colons in a value must be escaped: interface=\\:\\:1); "
-        "remove this marker when the help text is fixed"
-    ),
-)
 def test_help_listen_examples_are_usable() -> None:
     """
     Every endpoint example in the C{--listen} help sentence is usable as
@@ -489,3 +507,162 @@ def test_help_listen_examples_are_usable() -> None:
     assert examples, "no examples in the --listen help"
     wrong = [f"{value}: {problem}" for value in examples if (problem := endpoint_problem(value))]
     assert wrong == []
+
+
+# -- resticd-users -----------------------------------------------------------
+
+
+class _Built(Exception):
+    """
+    Carries the parser L{resticd.users.main} built, out of C{main}.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+
+def users_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser of C{resticd-users}: the one L{resticd.users.main}
+    builds, taken from it when it starts parsing (nothing else runs).
+    """
+
+    def caught(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
+        raise _Built(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", caught)
+        with pytest.raises(_Built) as built:
+            users.main([])
+    return built.value.parser
+
+
+def users_commands() -> dict[str, argparse.ArgumentParser]:
+    """
+    The commands of C{resticd-users} and the parser of each.
+    """
+    subparsers = [a for a in users_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(subparsers) == 1
+    return dict(subparsers[0].choices)
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """
+    Every option string (C{-f}, C{--file}, ...) of one parser.
+    """
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def positionals(parser: argparse.ArgumentParser) -> list[str]:
+    """
+    The positional arguments of a command's parser, as the manual page
+    writes them (C{USER}).
+    """
+    return [
+        (a.metavar if isinstance(a.metavar, str) else a.dest).upper()
+        for a in parser._actions
+        if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+    ]
+
+
+def users_help(*argv: str) -> str:
+    """
+    What C{resticd-users ARGV... --help} prints.
+    """
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+        users.main([*argv, "--help"])
+    assert exited.value.code == 0
+    return out.getvalue()
+
+
+def users_man_options() -> list[str]:
+    """
+    The option strings the OPTIONS section of man/resticd-users.8 has
+    entries for (C{--file, -f FILE} gives C{--file} and C{-f}).
+    """
+    found: list[str] = []
+    for tag in man_tags(man_section("OPTIONS", USERS_MANPAGE)):
+        found.extend(piece.split()[0] for piece in tag.split(", ") if piece.strip())
+    return found
+
+
+def test_users_parser_is_what_help_shows() -> None:
+    """
+    The parser these tests read is the one C{resticd-users --help} prints:
+    every command and every option string appears in the help of
+    C{resticd-users} or of its command, and there are some.
+    """
+    commands = users_commands()
+    assert {"add", "remove", "list"} <= set(commands)
+    main_help = users_help()
+    for name in commands:
+        assert re.search(rf"\b{name}\b", main_help), name
+    for option in option_strings(users_parser()):
+        assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", main_help), option
+    for name, parser in commands.items():
+        command_help = users_help(name)
+        for option in option_strings(parser):
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", command_help), (name, option)
+
+
+def test_users_manpage_lists_exactly_the_commands() -> None:
+    """
+    The COMMANDS section of man/resticd-users.8 has one entry for every
+    command of C{resticd-users} and none for a command it does not have.
+    """
+    described = [tag.split()[0] for tag in man_tags(man_section("COMMANDS", USERS_MANPAGE))]
+    assert len(described) == len(set(described)), "commands described twice"
+    assert sorted(described) == sorted(users_commands())
+
+
+def test_users_manpage_command_entries_show_their_arguments() -> None:
+    """
+    Each command's entry names its own options (other than C{--help}) and
+    its positional arguments, and so does the SYNOPSIS.
+    """
+    tags = {tag.split()[0]: tag for tag in man_tags(man_section("COMMANDS", USERS_MANPAGE))}
+    synopsis = deroff(man_section("SYNOPSIS", USERS_MANPAGE))
+    lacking = {}
+    for name, parser in users_commands().items():
+        wanted = [o for o in option_strings(parser) if o not in ("-h", "--help")] + positionals(parser)
+        absent = [w for w in wanted if not re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", tags.get(name, ""))]
+        usage = rf"(?<![\w-]){name}( \[[^]]*\])*" + "".join(f" {p}" for p in positionals(parser)) + r"(?![\w-])"
+        if not re.search(usage, synopsis):
+            absent.append("(synopsis)")
+        if absent:
+            lacking[name] = absent
+    assert lacking == {}
+
+
+def test_users_manpage_options_section_lists_exactly_the_options() -> None:
+    """
+    The OPTIONS section of man/resticd-users.8 has an entry for every option
+    string of C{resticd-users} and of its commands, and none for an option
+    they do not have.
+    """
+    parsers = [users_parser(), *users_commands().values()]
+    options = {s for parser in parsers for s in option_strings(parser)}
+    described = users_man_options()
+    assert len(described) == len(set(described)), "options described twice"
+    assert sorted(described) == sorted(options)
+
+
+def test_users_manpage_sections() -> None:
+    """
+    The manual page of C{resticd-users} has the sections of a command's
+    page, in order.
+    """
+    titles = [" ".join(_macro_args(line[3:])) for line in man_lines(USERS_MANPAGE) if line.startswith(".SH")]
+    assert titles == [
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "COMMANDS",
+        "OPTIONS",
+        "EXIT STATUS",
+        "FILES",
+        "EXAMPLES",
+        "SEE ALSO",
+    ]
