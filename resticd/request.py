@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.web import server
 
 from .errors import InsufficientStorage, ResticdError
+from .logs import logger
 from .paths import Target, parse_path
 from .spool import Spool, SpoolFile
 
 if TYPE_CHECKING:
     from .usage import Quota, Reservation
+
+log = logger(__name__)
 
 
 @dataclass
@@ -97,7 +100,10 @@ class SpoolingRequest(server.Request):
         self.outcome = Outcome()
         self.observers: list[RequestObserver] = list(getattr(getattr(self.channel, "site", None), "observers", ()))
         for observer in self.observers:
-            observer.started(self)
+            try:
+                observer.started(self)
+            except Exception:
+                log.failure("observing the start of a request failed")
         self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
 
     def gotLength(self, length: int | None) -> None:
@@ -148,4 +154,7 @@ class SpoolingRequest(server.Request):
         if self.reservation is not None:
             self.reservation.release()
         for observer in self.observers:
-            observer.finished(self, completed)
+            try:
+                observer.finished(self, completed)
+            except Exception:
+                log.failure("observing the end of {uri} failed", uri=self.uri)

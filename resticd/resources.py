@@ -312,6 +312,13 @@ class BlobFile(static.File):
     def __init__(self, path: str) -> None:
         super().__init__(path, defaultType="application/octet-stream")
 
+    def makeProducer(self, request: server.Request, fileForReading: Any) -> Any:
+        producer = super().makeProducer(request, fileForReading)
+        # When the client goes away mid-read, close the file: Twisted's HTTP/2
+        # streams do not stop their producer when they are reset.
+        request.notifyFinish().addErrback(lambda failure: producer.stopProducing())
+        return producer
+
 
 class StoredFile(TargetResource):
     """

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.web import http, resource, server
 from twisted.web.resource import IResource
 
+from .h2 import channel_for
 from .request import RequestObserver, SpoolingRequest
 from .spool import Spool
 from .usage import Quota
@@ -36,6 +37,9 @@ class ResticSite(QuietSite):
     uploads checked early against C{quota}), and which offers HTTP/2 by ALPN
     only when C{http2} is true.
     """
+
+    #: HTTP/1.1, or HTTP/2 with working flow control.
+    protocol = channel_for
 
     def __init__(
         self,
