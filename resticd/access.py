@@ -173,10 +173,13 @@ class AccessFile:
 
     def repo_quota(self, repo: Repo) -> int | None:
         """
-        The quota of the first repository pattern that matches C{repo}.
+        The quota of the first repository pattern that matches C{repo}; in
+        these patterns C{{user}} stands for the repository's first segment
+        (its owner, as with C{--private-repos}).
         """
+        owner = repo[0] if repo else None
         for pattern, limit in self.repo_quotas:
-            if pattern.matches(repo, None):
+            if pattern.matches(repo, owner):
                 return limit
         return None
 

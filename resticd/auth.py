@@ -39,6 +39,9 @@ from .threads import Runner
 
 log = logger(__name__)
 
+#: bcrypt reads at most this many bytes of a password.
+BCRYPT_MAX_PASSWORD = 72
+
 #: The schemes accepted in an htpasswd file; anything else (plaintext) is not.
 HASHES = CryptContext(
     schemes=["bcrypt", "apr_md5_crypt", "sha256_crypt", "sha512_crypt", "ldap_sha1"]
@@ -124,7 +127,15 @@ class Htpasswd:
         hashed = self.entries.get(user)
         if hashed is None:
             return False
-        return bool(HASHES.verify(password, hashed))
+        secret = password.encode("utf-8")
+        if HASHES.identify(hashed) == "bcrypt":
+            # bcrypt uses the first 72 bytes, as Apache's htpasswd does when
+            # it makes the hash (the bcrypt library refuses longer ones).
+            secret = secret[:BCRYPT_MAX_PASSWORD]
+        try:
+            return bool(HASHES.verify(secret, hashed))
+        except ValueError:
+            return False
 
 
 @dataclass

@@ -85,13 +85,16 @@ class SpoolingRequest(server.Request):
     Content-Length is known and again as its body grows past it; a refused
     body is read and dropped, never written, and the refusal is kept in
     L{refusal} for the render to answer. The render takes the file with
-    L{take_spool}; whatever is not taken is discarded, and the quota
-    reservation released, when the request ends, however it ends.
+    L{take_spool} and, once the request is authorized, reserves its bytes in
+    L{reservation}; whatever is not taken is discarded, and the reservation
+    released, when the request ends, however it ends.
     """
 
     spool_file: SpoolFile | None = None
     refusal: Exception | None = None
     reservation: Reservation | None = None
+    _upload_target: Target | None = None
+    _checked = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The body is never a form: keep twisted.web from parsing it.
@@ -114,10 +117,10 @@ class SpoolingRequest(server.Request):
         method, path = request_line(self)
         target = parse_path(path) if method == b"POST" and path is not None else None
         if site.quota is not None and target is not None and target.name is not None:
-            try:
-                self.reservation = site.quota.reserve(target.repo, length or 0)
-            except InsufficientStorage as e:
-                self.refusal = e
+            self._upload_target = target
+            self._checked = length or 0
+            self.refusal = site.quota.check(target, self._checked)
+            if self.refusal is not None:
                 return
         try:
             self.spool_file = site.spool.open()
@@ -128,12 +131,14 @@ class SpoolingRequest(server.Request):
         spool = self.spool_file
         if spool is None:
             return
-        reservation = self.reservation
-        if reservation is not None and spool.size + len(data) > reservation.bytes:
-            try:
-                reservation.grow(spool.size + len(data) - reservation.bytes)
-            except InsufficientStorage as e:
-                self.refusal = e
+        target = self._upload_target
+        if target is not None and spool.size + len(data) > self._checked:
+            # Longer than declared (or no length declared): check as it grows.
+            site: _Site = self.channel.site  # type: ignore[attr-defined]
+            assert site.quota is not None
+            self._checked = spool.size + len(data)
+            self.refusal = site.quota.check(target, self._checked)
+            if self.refusal is not None:
                 self.spool_file = None
                 spool.discard()
                 return

@@ -62,7 +62,7 @@ class Context:
 
     def __post_init__(self) -> None:
         if self.quota is None:
-            self.quota = Quota(self.usage, self.access.limits)
+            self.quota = Quota(self.usage, self.access.limits, self.store.is_stored)
 
 
 def needed_right(method: bytes, target: Target) -> Right:
@@ -379,15 +379,14 @@ class StoredFile(TargetResource):
             spool = request.take_spool()
         try:
             self.authorize(request)
-            if isinstance(request, SpoolingRequest):
-                if request.refusal is not None:
-                    raise request.refusal
-                if request.reservation is None and self.ctx.quota is not None:
-                    request.reservation = self.ctx.quota.reserve(self.repo, spool.size if spool else 0)
+            if isinstance(request, SpoolingRequest) and request.refusal is not None:
+                raise request.refusal
             if spool is None:
                 spool = request.channel.site.spool.open()  # type: ignore[attr-defined]
             if spool.error is not None:
                 raise spool.error
+            if isinstance(request, SpoolingRequest) and self.ctx.quota is not None:
+                request.reservation = self.ctx.quota.reserve(self.target, spool.size)
             declared = request.getHeader(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) != spool.size:
                 raise BadRequest("body is shorter than its Content-Length")

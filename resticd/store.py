@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import Conflict, Forbidden, NotFound
-from .paths import HASHED_TYPES, Layout, Repo, data_subdirs, is_inside, is_object_name
+from .paths import HASHED_TYPES, Layout, Repo, Target, data_subdirs, is_inside, is_object_name
 from .spool import SpoolFile
 
 Entry = tuple[str, int]
@@ -210,6 +210,17 @@ class Store:
             return sha256_file(path) == spool.hexdigest()
         except FileNotFoundError:
             return False
+
+    def is_stored(self, target: Target) -> bool:
+        """
+        Whether the object (or config) C{target} names exists (one stat; cheap
+        enough for the reactor thread).
+        """
+        if target.kind is None or target.name is None:
+            return False
+        if target.kind == "config":
+            return os.path.isfile(self.layout.config_path(target.repo))
+        return os.path.isfile(self.layout.object_path(target.repo, target.kind, target.name))
 
     def delete(self, path: str) -> int | None:
         """

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, succeed
 
 from .errors import InsufficientStorage
-from .paths import HASHED_TYPES, MAX_REPO_DEPTH, Repo, is_repo_segment, repo_label
+from .paths import HASHED_TYPES, MAX_REPO_DEPTH, Repo, Target, is_repo_segment, repo_label
 from .store import Store
 
 #: Where a limit applies: the whole data directory, one user's repositories
@@ -88,10 +88,11 @@ class Usage:
 
     def remove(self, repo: Repo, kind: str, size: int, when: float | None = None) -> None:
         """
-        One object of C{size} bytes was deleted (at C{when}, if given).
+        One object of C{size} bytes was deleted (at C{when}, if given: a
+        write, never a new snapshot).
         """
         if when is not None:
-            self.touch(repo, kind, when)
+            self.touch(repo, "", when)
         counts = self.repos.get(repo, {}).get(kind)
         if counts is None or counts.objects == 0:
             return
@@ -216,24 +217,14 @@ def tally(store: Store) -> Usage:
 
 class Reservation:
     """
-    Bytes of one upload in flight, held against every scope its repository
+    Bytes of one authorized upload, held against every scope its repository
     counts in; released when the upload ends, however it ends.
     """
 
     def __init__(self, quota: Quota, repo: Repo) -> None:
         self.quota = quota
-        self.repo = repo
         self.scopes = scopes_of(repo)
         self.bytes = 0
-
-    def grow(self, size: int) -> None:
-        """
-        Hold C{size} more bytes.
-
-        @raise InsufficientStorage: when that would exceed a limit; nothing
-            more is held then.
-        """
-        self.quota.hold(self, size)
 
     def release(self) -> None:
         """
@@ -268,35 +259,64 @@ class Quota:
     """
     Checks uploads against L{Limits} using a L{Usage} and the reservations of
     uploads in flight.
+
+    While a body arrives (from a client not yet authenticated), it is only
+    checked; once the request is authorized, its bytes are reserved until it
+    ends, so that concurrent uploads cannot overshoot a limit together. An
+    upload whose object is already stored (C{stored}) adds nothing and is
+    never refused for space.
     """
 
-    def __init__(self, usage: Usage, limits: Callable[[], Limits]) -> None:
+    def __init__(
+        self,
+        usage: Usage,
+        limits: Callable[[], Limits],
+        stored: Callable[[Target], bool] = lambda target: False,
+    ) -> None:
         self.usage = usage
         self.limits = limits
+        self.stored = stored
         self._held: dict[Scope, int] = {}
 
-    def reserve(self, repo: Repo, size: int) -> Reservation:
+    def check(self, target: Target, size: int) -> InsufficientStorage | None:
         """
-        A reservation of C{size} bytes for an upload into C{repo}.
-
-        @raise InsufficientStorage: when a limit would be exceeded.
+        Why C{size} more bytes for C{target} would not fit, or L{None} if they
+        would (nothing is reserved).
         """
-        reservation = Reservation(self, repo)
-        reservation.grow(size)
-        return reservation
-
-    def hold(self, reservation: Reservation, size: int) -> None:
+        if self.stored(target):
+            return None
         limits = self.limits()
-        for scope in reservation.scopes:
+        for scope in scopes_of(target.repo):
             limit = limits.of(scope)
             if limit is None:
                 continue
             if self.usage.scope_bytes(scope) + self._held.get(scope, 0) + size > limit:
-                where = "the server" if scope == ALL else f"{scope[0]} {scope[1] if scope[0] == 'user' else repo_label(scope[1:])}"
-                raise InsufficientStorage(f"quota of {where} exceeded ({limit} bytes)")
+                if scope == ALL:
+                    where = "the server"
+                elif scope[0] == "user":
+                    where = f"user {scope[1]}"
+                else:
+                    where = f"repository {repo_label(scope[1:])}"
+                return InsufficientStorage(f"quota of {where} exceeded ({limit} bytes)")
+        return None
+
+    def reserve(self, target: Target, size: int) -> Reservation:
+        """
+        Hold C{size} bytes for an upload to C{target} until the reservation is
+        released (nothing, when the object is stored already).
+
+        @raise InsufficientStorage: when a limit would be exceeded.
+        """
+        reservation = Reservation(self, target.repo)
+        if self.stored(target):
+            return reservation
+        refusal = self.check(target, size)
+        if refusal is not None:
+            raise refusal
         for scope in reservation.scopes:
             self._held[scope] = self._held.get(scope, 0) + size
-        reservation.bytes += size
+        reservation.bytes = size
+        return reservation
 
     def free(self, reservation: Reservation) -> None:
         for scope in reservation.scopes:

@@ -20,7 +20,7 @@ import tempfile
 
 import bcrypt
 
-from .auth import is_valid_user_name
+from .auth import BCRYPT_MAX_PASSWORD, is_valid_user_name
 
 #: bcrypt's work factor: about 50 ms per check on a small server; checks run
 #: in resticd's thread pool and verified credentials are cached.
@@ -120,6 +120,8 @@ def _password(args: argparse.Namespace) -> str:
             raise SystemExit("resticd-users: the passwords differ")
     if not password:
         raise SystemExit("resticd-users: empty password")
+    if len(password.encode("utf-8")) > BCRYPT_MAX_PASSWORD:
+        raise SystemExit(f"resticd-users: bcrypt passwords are at most {BCRYPT_MAX_PASSWORD} bytes long")
     return password
 
 

@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 from resticd.errors import Forbidden
-from resticd.spool import Spool, SpoolFile, SpoolingRequest
+from resticd.request import SpoolingRequest
+from resticd.spool import Spool, SpoolFile
 from resticd.store import Store
 from resticd.threads import run_inline
 
