@@ -48,6 +48,8 @@ class Config:
     access_log: str | None = None
     #: Free space below which /-/ready answers 503.
     min_free_space: MinFree = MinFree(fraction=0.01)
+    #: Seconds that requests in flight get to finish when the daemon stops.
+    shutdown_timeout: float = 30.0
     debug: bool = False
     #: Worker threads for blocking filesystem work and bcrypt.
     threads: int = 8

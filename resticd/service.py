@@ -12,7 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from twisted.application import internet, service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -29,18 +30,23 @@ from .health import Health, readiness_problems
 from .logs import RequestLogger, describe_address, logger, set_debug
 from .metrics import Metrics, MetricsResource
 from .paths import Layout, Target
+from .request import SpoolingRequest
 from .resources import Context, RepoResource
 from .site import QuietSite, ResticSite, SiteRoot
 from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
-from .tls import TLSConfigError, certificate_expiry, server_options
+from .systemd import notify
+from .tls import ReloadingTLS, TLSConfigError
 from .usage import Usage, tally
 
 log = logger(__name__)
 
 #: How often the htpasswd and access files are checked for changes, in seconds.
 RELOAD_CHECK_INTERVAL = 5.0
+#: How often the TLS certificate, key and client CA files are checked for
+#: changes (a renewal by certbot or an ACME client), in seconds.
+TLS_CHECK_INTERVAL = 60.0
 #: With --private-repos, the only user who may read /metrics (as in rest-server).
 METRICS_USER = "metrics"
 
@@ -152,6 +158,34 @@ def make_metrics_site(config: Config, ctx: Context, metrics: Metrics, reactor: A
     return QuietSite(SiteRoot(ErrorResource(NotFound("not found")), fixed), reactor=reactor)
 
 
+class InFlight:
+    """
+    Counts the requests being received or answered; L{drained} fires when
+    there are none.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiting: list[Deferred[None]] = []
+
+    def started(self, request: SpoolingRequest) -> None:
+        self.count += 1
+
+    def finished(self, request: SpoolingRequest, completed: bool) -> None:
+        self.count -= 1
+        if self.count == 0:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def drained(self) -> Deferred[None]:
+        if self.count == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
 class ResticdService(service.MultiService):
     """
     The whole daemon: prepares the data directory, listens, owns the worker
@@ -180,6 +214,9 @@ class ResticdService(service.MultiService):
             )
         self.site = make_site(config, self.ctx, self.authenticator, reactor, Throttle(reactor), self.metrics)
         self.access_log: AccessLog | None = None
+        self.tls: ReloadingTLS | None = None
+        self.in_flight = InFlight()
+        self.site.observers.append(self.in_flight)
         self.ports: list[IListeningPort] = []
         self._prepared = False
         self._previous_sighup: Any = None
@@ -193,14 +230,16 @@ class ResticdService(service.MultiService):
 
     def hangup(self) -> Deferred[None]:
         """
-        What SIGHUP does: reopen the access log and reload what L{reload}
-        reloads.
+        What SIGHUP does: reopen the access log, load the TLS certificate and
+        key again, and reload what L{reload} reloads.
         """
         if self.access_log is not None:
             try:
                 self.access_log.reopen()
             except OSError as e:
                 log.error("cannot reopen the access log {path}: {why}", path=self.access_log.path, why=e)
+        if self.tls is not None:
+            self._reload_tls(force=True)
         return self.reload()
 
     async def _reload(self) -> None:
@@ -224,10 +263,19 @@ class ResticdService(service.MultiService):
         config = self.config
         if config.tls_cert is None or config.tls_key is None:
             return self.site
-        options = server_options(config.tls_cert, config.tls_key, config.tls_min_version, config.tls_client_ca)
-        if self.metrics is not None:
-            self.metrics.set_certificate_expiry(certificate_expiry(config.tls_cert))
-        return TLSMemoryBIOFactory(options, False, self.site)
+        self.tls = ReloadingTLS(
+            config.tls_cert,
+            config.tls_key,
+            config.tls_min_version,
+            config.tls_client_ca,
+            self.metrics.set_certificate_expiry if self.metrics is not None else lambda expiry: None,
+        )
+        internet.TimerService(TLS_CHECK_INTERVAL, self._reload_tls).setServiceParent(self)
+        return TLSMemoryBIOFactory(self.tls, False, self.site)
+
+    def _reload_tls(self, force: bool = False) -> Deferred[bool]:
+        assert self.tls is not None
+        return self.run(self.tls.reload, force)
 
     def prepare(self) -> None:
         """
@@ -331,6 +379,7 @@ class ResticdService(service.MultiService):
             self.metrics.start()
         self.ctx.ready.close()
         Deferred.fromCoroutine(self._tally())
+        notify("READY=1")
         if hasattr(signal, "SIGHUP"):
             try:
                 self._previous_sighup = signal.signal(
@@ -341,16 +390,39 @@ class ResticdService(service.MultiService):
         super().startService()
 
     def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting connections, let the requests in flight finish (for at
+        most C{--shutdown-timeout} seconds), then stop the worker threads.
+        Uploads cut off by the shutdown are never published and their spool
+        files are removed as their connections close.
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        notify("STOPPING=1")
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
         if self.metrics is not None:
             self.metrics.stop()
-        stopping = [port.stopListening() for port in self.ports]
-        self.ports = []
-        d = super().stopService()
-
-        def stop_pool(result: object) -> None:
-            self.pool.stop()
-
-        return gatherResults([d, *(s for s in stopping if s is not None)]).addBoth(stop_pool)
+        ports, self.ports = self.ports, []
+        await gatherResults([d for d in (port.stopListening() for port in ports) if d is not None])
+        if self.in_flight.count:
+            log.info(
+                "waiting up to {timeout} s for {count} requests in flight",
+                timeout=self.config.shutdown_timeout,
+                count=self.in_flight.count,
+            )
+            drained = self.in_flight.drained()
+            drained.addTimeout(self.config.shutdown_timeout, self.reactor)
+            try:
+                await drained
+            except defer.TimeoutError:
+                log.warn("{count} requests still in flight; closing them", count=self.in_flight.count)
+        await super().stopService()
+        self.pool.stop()
+        # A stop by SIGTERM or SIGINT is the normal way to end the daemon:
+        # exit with status 0 rather than have twistd re-raise the signal.
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
+        log.info("resticd stopped")

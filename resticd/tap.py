@@ -70,6 +70,7 @@ class Options(usage.Options):
         ["prometheus-listen", None, None, "Also serve /metrics and the health endpoints, without authentication, on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["log", None, None, "Write an access log in Apache's combined format to this file (- for standard output); reopened on SIGHUP."],
         ["min-free-space", None, "1%", "Free space on the data directory's filesystem below which /-/ready answers 503: a percentage or a size."],
+        ["shutdown-timeout", None, 30.0, "Seconds that requests in flight get to finish when resticd stops (SIGTERM, SIGINT).", float],
     ]
     optFlags = [
         ["tls", None, "Turn TLS on with <path>/public_key and <path>/private_key (rest-server's layout)."],
@@ -172,6 +173,8 @@ def config_from(options: usage.Options) -> Config:
         min_free = MinFree.parse(options["min-free-space"])
     except ValueError as e:
         raise _fail(f"--min-free-space: {e}") from None
+    if options["shutdown-timeout"] < 0:
+        raise _fail("--shutdown-timeout cannot be negative")
     max_size = None
     if options["max-size"] is not None:
         try:
@@ -200,6 +203,7 @@ def config_from(options: usage.Options) -> Config:
         prometheus_listen=prometheus_listen,
         access_log=options["log"] if options["log"] in (None, "-") else os.path.abspath(options["log"]),
         min_free_space=min_free,
+        shutdown_timeout=options["shutdown-timeout"],
         debug=bool(options["debug"]),
     )
 

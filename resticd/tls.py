@@ -5,10 +5,21 @@ them.
 
 from __future__ import annotations
 
+import datetime
+import os
+from collections.abc import Callable
+from typing import Any
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL.crypto import X509
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates
+from zope.interface import implementer
+
+from .logs import logger
+
+log = logger(__name__)
 
 #: The --tls-min-version values and what they mean.
 MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
@@ -83,3 +94,70 @@ def certificate_expiry(cert_path: str) -> float:
     """
     certificate = x509.load_pem_x509_certificates(_read(cert_path))[0]
     return certificate.not_valid_after_utc.timestamp()
+
+
+def _signature(paths: list[str]) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((0, 0, 0))
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadingTLS:
+    """
+    Server TLS whose certificate, key and client CA can be replaced while
+    the server runs: new handshakes use the new files, connections already
+    open keep theirs. A broken new set is refused (and logged) and the old
+    one stays.
+    """
+
+    def __init__(
+        self,
+        cert_path: str,
+        key_path: str,
+        min_version: str = "1.2",
+        client_ca: str | None = None,
+        loaded: Callable[[float], object] = lambda expiry: None,
+    ) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.min_version = min_version
+        self.client_ca = client_ca
+        self.loaded = loaded
+        self._files = [p for p in (cert_path, key_path, client_ca) if p is not None]
+        self._signature = _signature(self._files)
+        self.options = server_options(cert_path, key_path, min_version, client_ca)
+        self.loaded(certificate_expiry(cert_path))
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(protocol)
+
+    def reload(self, force: bool = False) -> bool:
+        """
+        Load the files again if they changed (or always, with C{force});
+        whether new ones are now in use (blocking: a few small reads).
+        """
+        signature = _signature(self._files)
+        if signature == self._signature and not force:
+            return False
+        self._signature = signature
+        try:
+            options = server_options(self.cert_path, self.key_path, self.min_version, self.client_ca)
+            expiry = certificate_expiry(self.cert_path)
+        except (TLSConfigError, ValueError, IndexError) as e:
+            log.error("not using the new TLS certificate: {why}; keeping the previous one", why=e)
+            return False
+        self.options = options
+        self.loaded(expiry)
+        log.info(
+            "loaded TLS certificate {path}, valid until {until}",
+            path=self.cert_path,
+            until=datetime.datetime.fromtimestamp(expiry, datetime.timezone.utc).isoformat(),
+        )
+        return True
