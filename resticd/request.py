@@ -95,6 +95,7 @@ class SpoolingRequest(server.Request):
     reservation: Reservation | None = None
     _upload_target: Target | None = None
     _checked = 0
+    _paused = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The body is never a form: keep twisted.web from parsing it.
@@ -143,6 +144,35 @@ class SpoolingRequest(server.Request):
                 spool.discard()
                 return
         spool.write(data)
+        budget = spool.budget
+        if budget is not None and budget.exceeded and not self._paused:
+            self._pause_body()
+            budget.when_room(self._resume_body)
+
+    def _body_producer(self) -> Any:
+        """
+        What to pause to stop receiving this request's body: the HTTP/2
+        stream (which then stops opening its flow-control window), or the
+        HTTP/1.1 connection's transport.
+        """
+        channel = self.channel
+        if hasattr(channel, "_conn"):
+            return channel
+        return getattr(channel, "_networkProducer", None)
+
+    def _pause_body(self) -> None:
+        producer = self._body_producer()
+        if producer is not None:
+            self._paused = True
+            producer.pauseProducing()
+
+    def _resume_body(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        producer = self._body_producer()
+        if producer is not None and not self._disconnected:
+            producer.resumeProducing()
 
     def take_spool(self) -> SpoolFile | None:
         """

@@ -383,6 +383,7 @@ class StoredFile(TargetResource):
                 raise request.refusal
             if spool is None:
                 spool = request.channel.site.spool.open()  # type: ignore[attr-defined]
+            await spool.flush()
             if spool.error is not None:
                 raise spool.error
             if isinstance(request, SpoolingRequest) and self.ctx.quota is not None:

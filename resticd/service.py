@@ -133,7 +133,7 @@ def make_site(
             return exposition
 
         fixed[b"metrics"] = exposition if config.prometheus_no_auth else gate(metrics_for)
-    spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file)
+    spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file, ctx.run)
     site = ResticSite(SiteRoot(gate(tree_for), fixed), spool, ctx.quota, http2=config.http2, reactor=reactor)
     site.observers.append(RequestLogger(reactor, config.debug))
     if metrics is not None:

@@ -9,22 +9,78 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from .threads import Runner
+
+
+#: Body bytes are hashed and written in pieces of about this size.
+PIECE = 1 << 20
+
+
+class WriteBudget:
+    """
+    A cap on body bytes received but not yet written, across all uploads:
+    when it is exceeded, uploads stop reading from their clients until the
+    worker threads have caught up to half the cap.
+    """
+
+    def __init__(self, limit: int = 64 << 20) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: list[Callable[[], object]] = []
+
+    def take(self, size: int) -> None:
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        if self._waiting and self.used <= self.limit // 2:
+            waiting, self._waiting = self._waiting, []
+            for resume in waiting:
+                resume()
+
+    @property
+    def exceeded(self) -> bool:
+        return self.used > self.limit
+
+    def when_room(self, resume: Callable[[], object]) -> None:
+        """
+        Call C{resume} once the backlog is down to half the cap.
+        """
+        self._waiting.append(resume)
 
 
 class SpoolFile:
     """
     One upload's temp file and the running sha256 of what was written to it.
 
+    With a L{Runner}, pieces of about L{PIECE} bytes are hashed and written in
+    the worker threads, one after another, while the reactor goes on reading
+    (sha256 and write release the GIL, so this uses a second core); without
+    one, each write happens at once. L{flush} waits for the writes so far.
+
     A write error (a full disk) is kept in L{error} rather than raised, so the
     rest of the body is read and dropped and the request can be answered.
     """
 
-    def __init__(self, directory: str, mode: int) -> None:
+    def __init__(
+        self, directory: str, mode: int, run: Runner | None = None, budget: WriteBudget | None = None
+    ) -> None:
         fd, self.path = tempfile.mkstemp(dir=directory, prefix="upload-")
         if mode != 0o600:
             os.fchmod(fd, mode)
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
+        self._run = run
+        self.budget = budget
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._tail: Deferred[None] = succeed(None)
+        self._dropped = False
         self.size = 0
         self.error: OSError | None = None
 
@@ -32,10 +88,47 @@ class SpoolFile:
         """
         Append C{data} to the file and the digest.
         """
+        if self.error is not None or self._dropped:
+            return
+        self.size += len(data)
+        if self._run is None:
+            self._write_now(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= PIECE:
+            self._submit()
+
+    def _submit(self) -> None:
+        if not self._pending:
+            return
+        piece = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        run = self._run
+        assert run is not None
+        budget = self.budget
+        if budget is not None:
+            budget.take(len(piece))
+
+        def write(ignored: object) -> Deferred[None]:
+            return run(self._write_now, piece)
+
+        def written(result: object) -> None:
+            if budget is not None:
+                budget.give(len(piece))
+            if isinstance(result, Failure) and self.error is None:
+                self.error = OSError(f"writing the upload failed: {result.getErrorMessage()}")
+
+        self._tail = self._tail.addCallback(write).addBoth(written)
+
+    def _write_now(self, data: bytes) -> None:
+        """
+        Hash and write one piece (in a worker thread when there is a runner).
+        """
         if self.error is not None or self._fd is None:
             return
         self._hash.update(data)
-        self.size += len(data)
         view = memoryview(data)
         try:
             while view:
@@ -43,15 +136,33 @@ class SpoolFile:
         except OSError as e:
             self.error = e
 
+    def flush(self) -> Deferred[None]:
+        """
+        A Deferred that fires once everything written so far is hashed and in
+        the file (not yet on stable storage: see L{sync}).
+        """
+        self._submit()
+        done: Deferred[None] = Deferred()
+        self._tail.addBoth(lambda ignored: done.callback(None))
+        return done
+
+    @property
+    def busy(self) -> bool:
+        """
+        Whether writes are still queued for the worker threads.
+        """
+        return bool(self._pending) or not self._tail.called
+
     def hexdigest(self) -> str:
         """
-        The sha256 of everything written, as lowercase hex.
+        The sha256 of everything written, as lowercase hex (after L{flush}).
         """
         return self._hash.hexdigest()
 
     def sync(self) -> None:
         """
-        Flush the file to stable storage and close it (blocking).
+        Flush the file to stable storage and close it (blocking; after
+        L{flush}).
         """
         if self._fd is None:
             raise OSError("spool file already closed")
@@ -61,9 +172,10 @@ class SpoolFile:
         finally:
             os.close(fd)
 
-    def discard(self) -> None:
+    def remove(self) -> None:
         """
-        Close and remove the file; safe to call more than once.
+        Close and remove the file at once (blocking; no writes may be queued).
+        Safe to call more than once.
         """
         if self._fd is not None:
             fd, self._fd = self._fd, None
@@ -73,21 +185,40 @@ class SpoolFile:
         except FileNotFoundError:
             pass
 
+    def discard(self) -> None:
+        """
+        Drop what is queued and remove the file once the worker threads are
+        done with it. Safe to call more than once, from the reactor thread.
+        """
+        self._dropped = True
+        self._pending = []
+        self._pending_size = 0
+        self._tail.addBoth(lambda ignored: self.remove())
+
 
 class Spool:
     """
-    Makes L{SpoolFile}s in one directory with one file mode.
+    Makes L{SpoolFile}s in one directory with one file mode, written by
+    C{run} (inline when L{None}) within one L{WriteBudget}.
     """
 
-    def __init__(self, directory: str, mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        directory: str,
+        mode: int = 0o600,
+        run: Runner | None = None,
+        budget: WriteBudget | None = None,
+    ) -> None:
         self.directory = directory
         self.mode = mode
+        self.run = run
+        self.budget = budget or WriteBudget()
 
     def open(self) -> SpoolFile:
         """
         A new, empty spool file.
         """
-        return SpoolFile(self.directory, self.mode)
+        return SpoolFile(self.directory, self.mode, self.run, self.budget)
 
     def clean(self) -> int:
         """

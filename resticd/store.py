@@ -179,7 +179,8 @@ class Store:
         Returns C{True} when the object was stored, C{False} when an identical
         object was there already (a client retry). L{Forbidden} when a
         different one is there, L{NotFound} when the repository does not
-        exist. The spool file is gone afterwards, whatever happens.
+        exist. The spool file (flushed: no writes queued) is gone afterwards,
+        whatever happens.
         """
         try:
             layout = self.layout
@@ -201,7 +202,7 @@ class Store:
             fsync_dir(directory)
             return True
         finally:
-            spool.discard()
+            spool.remove()
 
     def _same_content(self, path: str, spool: SpoolFile) -> bool:
         try:

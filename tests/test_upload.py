@@ -21,7 +21,7 @@ from twisted.web.http import HTTPChannel
 
 from resticd.errors import Forbidden
 from resticd.request import SpoolingRequest
-from resticd.spool import Spool, SpoolFile
+from resticd.spool import PIECE, Spool, SpoolFile, WriteBudget
 from resticd.store import Store
 from resticd.threads import run_inline
 
@@ -48,8 +48,9 @@ def open_request(server: Server) -> tuple[SpoolingRequest, StringTransport]:
 def test_body_streams_into_the_spool_and_is_hashed(server: Server) -> None:
     """
     A request body is written to a spool file under the data directory as it
-    arrives (nothing is buffered in memory or C{$TMPDIR}), hashed on the way,
-    and the file is removed when the connection is lost.
+    arrives (in pieces of at most a MiB; nothing else is buffered in memory
+    or C{$TMPDIR}), hashed on the way, and the file is removed when the
+    connection is lost.
     """
     request, _ = open_request(server)
     body = os.urandom(300_000)
@@ -59,6 +60,7 @@ def test_body_streams_into_the_spool_and_is_hashed(server: Server) -> None:
     spool = request.spool_file
     assert spool is not None
     assert os.path.dirname(spool.path) == server.layout.spool_dir()
+    spool.flush()
     with open(spool.path, "rb") as f:
         assert f.read() == body
     assert spool.hexdigest() == name_of(body)
@@ -296,3 +298,92 @@ def test_group_accessible_modes(tmp_path) -> None:
         assert os.stat(store.layout.repo_dir(("r",))).st_mode & 0o777 == dmode
         assert os.stat(store.layout.type_dir(("r",), "data") + "/00").st_mode & 0o777 == dmode
         assert os.stat(store.layout.object_path(("r",), "keys", name_of(b"k"))).st_mode & 0o777 == fmode
+
+
+class HeldWrites:
+    """
+    A runner that queues work until L{release}, like a busy thread pool.
+    """
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queued.append((d, f, args))
+        return d
+
+    def release(self) -> None:
+        """
+        Run the oldest queued call (which may queue the next one).
+        """
+        d, f, args = self.queued.pop(0)
+        run_inline(f, *args).chainDeferred(d)
+
+
+def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
+    """
+    With worker threads, the body is hashed and written in pieces of a MiB,
+    not per network read, one after another; the digest and file are
+    complete once the writes are flushed.
+    """
+    runner = HeldWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
+    body = os.urandom(3 * PIECE + 12345)
+    for i in range(0, len(body), 65536):
+        spool.write(body[i : i + 65536])
+    assert len(runner.queued) == 1
+    assert os.path.getsize(spool.path) == 0
+    flushed = spool.flush()
+    assert not flushed.called
+    sizes = []
+    while runner.queued:
+        sizes.append(len(runner.queued[0][2][0]))
+        runner.release()
+    assert sizes[:3] == [PIECE] * 3 and sum(sizes) == len(body)
+    assert flushed.called
+    with open(spool.path, "rb") as f:
+        assert f.read() == body
+    assert spool.hexdigest() == name_of(body)
+    assert spool.size == len(body)
+
+
+def test_discard_waits_for_queued_writes(tmp_path) -> None:
+    """
+    A spool file dropped while a piece is being written is removed once the
+    write is done, and nothing more is written to it.
+    """
+    runner = HeldWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
+    spool.write(os.urandom(PIECE))
+    spool.write(b"more")
+    spool.discard()
+    assert os.path.exists(spool.path)
+    runner.release()
+    assert runner.queued == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_backlog_pauses_the_client(server: Server) -> None:
+    """
+    When the worker threads fall behind by more than the write budget, the
+    upload stops reading from its client (the transport is paused) until
+    the backlog is down to half the budget, then reading resumes.
+    """
+    runner = HeldWrites()
+    server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=2 * PIECE))
+    request, transport = open_request(server)
+    body = os.urandom(4 * PIECE)
+    request.gotLength(len(body))
+    for i in range(0, len(body), 65536):
+        request.handleContentChunk(body[i : i + 65536])
+    assert transport.producerState == "paused"
+    while runner.queued:
+        runner.release()
+    assert transport.producerState == "producing"
+    assert request.spool_file is not None
+    request.spool_file.flush()
+    while runner.queued:
+        runner.release()
+    with open(request.spool_file.path, "rb") as f:
+        assert f.read() == body
