@@ -37,6 +37,10 @@ class Config:
     private_repos: bool = False
     #: Limit on the bytes stored in the whole data directory.
     max_size: int | None = None
+    #: The largest upload accepted (413 beyond).
+    max_blob_size: int = 1 << 30
+    #: Seconds a request's headers may take, and its body may stall.
+    request_timeout: float = 60.0
     #: The access file (rights and quotas per user and repository).
     access_file: str | None = None
     #: Serve /metrics on the listeners; without a login when metrics_no_auth.

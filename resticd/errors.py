@@ -39,6 +39,12 @@ class VerificationFailed(BadRequest):
     """An upload's sha256 is not its name."""
 
 
+class PayloadTooLarge(ResticdError):
+    """The body is larger than the server accepts."""
+
+    status = http.REQUEST_ENTITY_TOO_LARGE
+
+
 class Forbidden(ResticdError):
     """The request is well-formed but not allowed (e.g. an overwrite)."""
 

@@ -114,8 +114,10 @@ class RequestLogger:
             user=printable(outcome.user),
             client=client_host(request),
         )
-        if completed and request.code in REFUSALS:
+        refused = outcome.error.status if outcome.error is not None else request.code
+        if (completed or outcome.error is not None) and refused in REFUSALS:
             reason = outcome.error.message if outcome.error is not None else "refused"
+            fields["status"] = refused
             self.log.warn("refused {status} {method} {path} for user {user} from {client}: {reason}", reason=reason, **fields)
         elif self.debug:
             duration = self.clock.seconds() - started if started is not None else 0.0

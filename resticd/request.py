@@ -11,9 +11,10 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.web import server
+from twisted.web.http import RESPONSES
 
-from .errors import InsufficientStorage, ResticdError
-from .logs import logger
+from .errors import InsufficientStorage, PayloadTooLarge, ResticdError
+from .logs import client_host, logger
 from .paths import Target, parse_path
 from .spool import Spool, SpoolFile
 
@@ -57,6 +58,21 @@ class _Site(Protocol):
     spool: Spool
     quota: Quota | None
     observers: list[RequestObserver]
+    limits: RequestLimits
+    reactor: Any
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """
+    Limits that keep a misbehaving client from holding resources: the
+    largest body accepted, how long a request's headers may take to arrive,
+    and how long its body may stall.
+    """
+
+    max_body: int = 1 << 30
+    header_timeout: float = 60.0
+    body_stall_timeout: float = 60.0
 
 
 def request_line(request: server.Request) -> tuple[bytes | None, bytes | None]:
@@ -96,6 +112,7 @@ class SpoolingRequest(server.Request):
     _upload_target: Target | None = None
     _checked = 0
     _paused = False
+    _deadline: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The body is never a form: keep twisted.web from parsing it.
@@ -109,11 +126,73 @@ class SpoolingRequest(server.Request):
             except Exception:
                 log.failure("observing the start of a request failed")
         self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
+        # HTTP/1.1 creates the request at its first line: its headers must
+        # all arrive within the header timeout (a slowloris drips them).
+        self._limits: RequestLimits = getattr(self._site, "limits", RequestLimits())
+        self._set_deadline(self._limits.header_timeout, "headers")
+
+    @property
+    def _site(self) -> Any:
+        return getattr(self.channel, "site", None)
+
+    def _set_deadline(self, seconds: float, what: str) -> None:
+        self._clear_deadline()
+        reactor = getattr(self._site, "reactor", None)
+        if reactor is not None and seconds > 0:
+            self._deadline = reactor.callLater(seconds, self._too_slow, what, seconds)
+
+    def _clear_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._deadline = None
+        log.info(
+            "closing the connection of {client}: its request {what} stalled for {seconds} s",
+            client=client_host(self),
+            what=what,
+            seconds=seconds,
+        )
+        channel = self.channel
+        if hasattr(channel, "_conn"):
+            channel.abortConnection()  # type: ignore[attr-defined]  # an HTTP/2 stream: reset only it
+        elif channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _refuse_body(self, error: ResticdError) -> None:
+        """
+        Refuse an upload before reading its body: over HTTP/1.1, answer at once
+        and close the connection (the body is never read); over HTTP/2, drop
+        the body as it comes and answer at its end.
+        """
+        self.refusal = error
+        self.outcome.error = error
+        method, path = request_line(self)
+        if method is not None and path is not None:
+            # For the logs: twisted.web sets these only once a body is in.
+            self.method, self.uri, self.path = method, path, path.split(b"?", 1)[0]
+        channel = self.channel
+        if hasattr(channel, "_conn") or channel is None or channel.transport is None:
+            return
+        body = error.message.encode("utf-8") + b"\n"
+        channel.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (error.status, RESPONSES.get(error.status, b"Error"), len(body), body)
+        )
+        self.code = error.status
+        channel.transport.loseConnection()
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
+        self._clear_deadline()
+        if length is not None and length > self._limits.max_body:
+            self._refuse_body(PayloadTooLarge(f"body larger than the limit of {self._limits.max_body} bytes"))
+            return
         if length == 0:
             return
+        self._set_deadline(self._limits.body_stall_timeout, "body")
         site: _Site = self.channel.site  # type: ignore[attr-defined]
         method, path = request_line(self)
         target = parse_path(path) if method == b"POST" and path is not None else None
@@ -129,8 +208,15 @@ class SpoolingRequest(server.Request):
             self.refusal = e
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._deadline is not None:
+            self._deadline.reset(self._limits.body_stall_timeout)
         spool = self.spool_file
         if spool is None:
+            return
+        if spool.size + len(data) > self._limits.max_body:
+            self.spool_file = None
+            spool.discard()
+            self._refuse_body(PayloadTooLarge(f"body larger than the limit of {self._limits.max_body} bytes"))
             return
         target = self._upload_target
         if target is not None and spool.size + len(data) > self._checked:
@@ -164,6 +250,8 @@ class SpoolingRequest(server.Request):
         producer = self._body_producer()
         if producer is not None:
             self._paused = True
+            # Waiting for the disk is not the client stalling.
+            self._clear_deadline()
             producer.pauseProducing()
 
     def _resume_body(self) -> None:
@@ -172,6 +260,7 @@ class SpoolingRequest(server.Request):
         self._paused = False
         producer = self._body_producer()
         if producer is not None and not self._disconnected:
+            self._set_deadline(self._limits.body_stall_timeout, "body")
             producer.resumeProducing()
 
     def take_spool(self) -> SpoolFile | None:
@@ -182,7 +271,12 @@ class SpoolingRequest(server.Request):
         spool_file, self.spool_file = self.spool_file, None
         return spool_file
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._clear_deadline()
+        super().requestReceived(command, path, version)
+
     def _finished(self, result: object, completed: bool = True) -> None:
+        self._clear_deadline()
         if self.spool_file is not None:
             self.spool_file.discard()
             self.spool_file = None

@@ -5,7 +5,10 @@ worker threads and the listeners, as one Twisted service.
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +33,7 @@ from .health import Health, readiness_problems
 from .logs import RequestLogger, describe_address, logger, set_debug
 from .metrics import Metrics, MetricsResource
 from .paths import Layout, Target
-from .request import SpoolingRequest
+from .request import RequestLimits, SpoolingRequest
 from .resources import Context, RepoResource
 from .site import QuietSite, ResticSite, SiteRoot
 from .spool import Spool
@@ -134,7 +137,18 @@ def make_site(
 
         fixed[b"metrics"] = exposition if config.prometheus_no_auth else gate(metrics_for)
     spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file, ctx.run)
-    site = ResticSite(SiteRoot(gate(tree_for), fixed), spool, ctx.quota, http2=config.http2, reactor=reactor)
+    site = ResticSite(
+        SiteRoot(gate(tree_for), fixed),
+        spool,
+        ctx.quota,
+        http2=config.http2,
+        reactor=reactor,
+        limits=RequestLimits(
+            max_body=config.max_blob_size,
+            header_timeout=config.request_timeout,
+            body_stall_timeout=config.request_timeout,
+        ),
+    )
     site.observers.append(RequestLogger(reactor, config.debug))
     if metrics is not None:
         site.observers.append(metrics)
@@ -156,6 +170,21 @@ def make_metrics_site(config: Config, ctx: Context, metrics: Metrics, reactor: A
     """
     fixed = {b"metrics": MetricsResource(metrics.exposition), b"-": health_resource(config, ctx)}
     return QuietSite(SiteRoot(ErrorResource(NotFound("not found")), fixed), reactor=reactor)
+
+
+def raise_open_files_limit() -> None:
+    """
+    Allow as many open files as the system lets this process have: each
+    connection and each upload in flight holds one.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit: {why}", why=e)
 
 
 class InFlight:
@@ -295,6 +324,8 @@ class ResticdService(service.MultiService):
             raise StartupError(f"cannot use --path {self.config.path}: {e.strerror}") from None
         if removed:
             log.info("removed {count} unfinished uploads left from before", count=removed)
+        self._check_secrets()
+        raise_open_files_limit()
         if self.authenticator is not None:
             try:
                 self.authenticator.htpasswd.refresh()
@@ -320,6 +351,26 @@ class ResticdService(service.MultiService):
             assert self.metrics is not None
             metrics_site = make_metrics_site(self.config, self.ctx, self.metrics, self.reactor)
             self.ports.append(self._listen(self.config.prometheus_listen, metrics_site, "http", "metrics"))
+
+    def _check_secrets(self) -> None:
+        """
+        Warn about secrets (htpasswd file, TLS key) that other users can
+        read.
+        """
+        for what, path in (("htpasswd file", self.config.htpasswd_file), ("TLS key", self.config.tls_key)):
+            if path is None:
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                continue
+            if mode & stat.S_IROTH:
+                log.warn(
+                    "the {what} {path} is readable by every user of this machine (mode {mode:o}): chmod o-r it",
+                    what=what,
+                    path=path,
+                    mode=stat.S_IMODE(mode),
+                )
 
     def _listen(
         self, description: str, factory: IProtocolFactory, scheme: str | None = None, what: str = "repositories"

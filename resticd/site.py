@@ -10,7 +10,7 @@ from twisted.web import http, resource, server
 from twisted.web.resource import IResource
 
 from .h2 import channel_for
-from .request import RequestObserver, SpoolingRequest
+from .request import RequestLimits, RequestObserver, SpoolingRequest
 from .spool import Spool
 from .usage import Quota
 
@@ -48,6 +48,7 @@ class ResticSite(QuietSite):
         quota: Quota | None = None,
         http2: bool = True,
         reactor: Any = None,
+        limits: RequestLimits = RequestLimits(),
     ) -> None:
         super().__init__(
             resource, requestFactory=SpoolingRequest, timeout=IDLE_TIMEOUT, reactor=reactor
@@ -57,6 +58,7 @@ class ResticSite(QuietSite):
         #: Told about every request as it starts and ends (metrics, logs).
         self.observers: list[RequestObserver] = []
         self.http2 = http2
+        self.limits = limits
 
     def acceptableProtocols(self) -> list[bytes]:
         protocols: list[bytes] = super().acceptableProtocols()

@@ -67,9 +67,11 @@ class Options(usage.Options):
         ["tls-client-ca", None, None, "Require client certificates signed by a CA in this PEM file; the certificate's common name is the user."],
         ["access-file", None, None, "TOML file of rights and quotas per user and repository (see etc/access.toml)."],
         ["max-size", None, None, "Most bytes the whole data directory may hold, e.g. 500G or 2T; more is refused with 507."],
+        ["max-blob-size", None, "1G", "Largest upload accepted, e.g. 256M; a larger one is refused with 413 before its body is read."],
         ["prometheus-listen", None, None, "Also serve /metrics and the health endpoints, without authentication, on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["log", None, None, "Write an access log in Apache's combined format to this file (- for standard output); reopened on SIGHUP."],
         ["min-free-space", None, "1%", "Free space on the data directory's filesystem below which /-/ready answers 503: a percentage or a size."],
+        ["request-timeout", None, 60.0, "Seconds a request's headers may take to arrive, and its body may stall, before the connection is closed.", float],
         ["shutdown-timeout", None, 30.0, "Seconds that requests in flight get to finish when resticd stops (SIGTERM, SIGINT).", float],
     ]
     optFlags = [
@@ -173,8 +175,13 @@ def config_from(options: usage.Options) -> Config:
         min_free = MinFree.parse(options["min-free-space"])
     except ValueError as e:
         raise _fail(f"--min-free-space: {e}") from None
-    if options["shutdown-timeout"] < 0:
-        raise _fail("--shutdown-timeout cannot be negative")
+    for flag in ("shutdown-timeout", "request-timeout"):
+        if options[flag] < 0:
+            raise _fail(f"--{flag} cannot be negative")
+    try:
+        max_blob_size = parse_size(options["max-blob-size"])
+    except ValueError as e:
+        raise _fail(f"--max-blob-size: {e}") from None
     max_size = None
     if options["max-size"] is not None:
         try:
@@ -197,6 +204,7 @@ def config_from(options: usage.Options) -> Config:
         append_only=bool(options["append-only"]),
         private_repos=bool(options["private-repos"]),
         max_size=max_size,
+        max_blob_size=max_blob_size,
         access_file=os.path.abspath(access_file) if access_file else None,
         prometheus=bool(options["prometheus"] or options["prometheus-no-auth"]),
         prometheus_no_auth=bool(options["prometheus-no-auth"]),
@@ -204,6 +212,7 @@ def config_from(options: usage.Options) -> Config:
         access_log=options["log"] if options["log"] in (None, "-") else os.path.abspath(options["log"]),
         min_free_space=min_free,
         shutdown_timeout=options["shutdown-timeout"],
+        request_timeout=options["request-timeout"],
         debug=bool(options["debug"]),
     )
 
