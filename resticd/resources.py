@@ -42,6 +42,8 @@ from .usage import Gate, Quota, Usage
 log = logger(__name__)
 
 OCTET_STREAM = b"application/octet-stream"
+#: Bytes read from an object at a time when sending it over HTTP/1.1.
+READ_SIZE = 1 << 20
 
 
 @dataclass
@@ -314,6 +316,10 @@ class BlobFile(static.File):
 
     def makeProducer(self, request: server.Request, fileForReading: Any) -> Any:
         producer = super().makeProducer(request, fileForReading)
+        if not hasattr(request.channel, "_conn"):
+            # HTTP/1.1: fewer, larger reads and writes (HTTP/2 cuts what it
+            # sends into frames anyway).
+            producer.bufferSize = READ_SIZE
         # When the client goes away mid-read, close the file: Twisted's HTTP/2
         # streams do not stop their producer when they are reset.
         request.notifyFinish().addErrback(lambda failure: producer.stopProducing())
