@@ -11,7 +11,8 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .errors import Conflict, Forbidden, NotFound
@@ -60,6 +61,53 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+class _DirectoryState:
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.requested = 0
+        self.done = 0
+        self.running = False
+
+
+class DirectorySyncs:
+    """
+    fsync of directories shared between concurrent uploads (group commit):
+    an fsync makes every entry created before it started durable, so uploads
+    that link into the same directory while one fsync runs all wait for the
+    next one, which then covers them together.
+    """
+
+    def __init__(self, fsync: Callable[[str], None] = fsync_dir) -> None:
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._states: dict[str, _DirectoryState] = {}
+
+    def sync(self, path: str) -> None:
+        """
+        Return once everything created in directory C{path} before this call
+        is durable (blocking).
+        """
+        with self._lock:
+            state = self._states.setdefault(path, _DirectoryState())
+        with state.condition:
+            state.requested += 1
+            mine = state.requested
+            while state.done < mine:
+                if state.running:
+                    state.condition.wait()
+                    continue
+                state.running = True
+                covered = state.requested
+                state.condition.release()
+                try:
+                    self._fsync(path)
+                finally:
+                    state.condition.acquire()
+                    state.running = False
+                    state.condition.notify_all()
+                state.done = max(state.done, covered)
+
+
 class Store:
     """
     Repositories under one data root, in restic's local layout.
@@ -68,6 +116,7 @@ class Store:
     def __init__(self, layout: Layout, modes: Modes = Modes()) -> None:
         self.layout = layout
         self.modes = modes
+        self.directory_syncs = DirectorySyncs()
         self._real_root = os.path.realpath(layout.root)
 
     # -- containment -------------------------------------------------------
@@ -199,7 +248,7 @@ class Store:
                 if self._same_content(final, spool):
                     return False
                 raise Forbidden("a different object with this name exists")
-            fsync_dir(directory)
+            self.directory_syncs.sync(directory)
             return True
         finally:
             spool.remove()

@@ -387,3 +387,42 @@ def test_write_backlog_pauses_the_client(server: Server) -> None:
         runner.release()
     with open(request.spool_file.path, "rb") as f:
         assert f.read() == body
+
+
+def test_directory_fsyncs_are_shared_by_concurrent_uploads() -> None:
+    """
+    Uploads that publish into one directory at the same time share its
+    fsync (fewer than one per upload), yet each returns only after an fsync
+    that started after it asked, so every acknowledged upload is durable.
+    """
+    import time
+
+    from resticd.store import DirectorySyncs
+
+    runs: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def slow_fsync(path: str) -> None:
+        start = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            runs.append((start, time.monotonic()))
+
+    syncs = DirectorySyncs(slow_fsync)
+    calls: list[tuple[float, float]] = []
+
+    def upload() -> None:
+        asked = time.monotonic()
+        syncs.sync("/dir")
+        with lock:
+            calls.append((asked, time.monotonic()))
+
+    threads = [threading.Thread(target=upload) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 20
+    assert 1 <= len(runs) < 20
+    for asked, returned in calls:
+        assert any(start >= asked and end <= returned for start, end in runs)
