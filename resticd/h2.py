@@ -39,9 +39,9 @@ from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtoc
 #: The largest DATA frame resticd accepts (HTTP/2 allows up to 16 MiB - 1).
 MAX_FRAME_SIZE = 256 << 10
 #: Each upload stream may have this much data in flight.
-STREAM_WINDOW = 8 << 20
+STREAM_WINDOW = 4 << 20
 #: All streams of a connection together may have this much in flight.
-CONNECTION_WINDOW = 32 << 20
+CONNECTION_WINDOW = 16 << 20
 #: DATA frames sent per reactor turn, at most, before other work gets a turn.
 FRAMES_PER_TURN = 16
 

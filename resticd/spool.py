@@ -28,7 +28,7 @@ class WriteBudget:
     worker threads have caught up to half the cap.
     """
 
-    def __init__(self, limit: int = 64 << 20) -> None:
+    def __init__(self, limit: int = 16 << 20) -> None:
         self.limit = limit
         self.used = 0
         self._waiting: list[Callable[[], object]] = []
