@@ -177,6 +177,30 @@ class ResticChannel(_GenericHTTPChannelProtocol):
     replaced.)
     """
 
+    def makeConnection(self, transport: Any) -> None:
+        # The proxy hands makeConnection to the inner channel, which calls its
+        # own connectionMade: note the connection here.
+        super().makeConnection(transport)
+        opened = getattr(self.factory, "connection_opened", None)
+        if opened is not None:
+            opened(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            closed = getattr(self.factory, "connection_closed", None)
+            if closed is not None:
+                closed(self)
+
+    def close(self) -> None:
+        """
+        Close the connection once what it has queued is sent.
+        """
+        transport = self._channel.transport
+        if transport is not None:
+            transport.loseConnection()
+
     def dataReceived(self, data: bytes) -> None:
         if self._negotiatedProtocol is None:
             negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)

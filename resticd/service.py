@@ -378,9 +378,10 @@ class ResticdService(service.MultiService):
         outcome: list[IListeningPort | Failure] = []
         try:
             endpoint = serverFromString(self.reactor, description)
-        except (ValueError, KeyError, TypeError) as e:
-            raise StartupError(f"bad --listen {description!r}: {e}") from None
-        endpoint.listen(factory).addBoth(outcome.append)
+            endpoint.listen(factory).addBoth(outcome.append)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            # IndexError: a systemd: endpoint with no such socket passed in.
+            raise StartupError(f"bad --listen {description!r}: {e or type(e).__name__}") from None
         port = outcome[0] if outcome else None
         if not IListeningPort.providedBy(port):
             why = port.getErrorMessage() if isinstance(port, Failure) else "did not start"
@@ -470,6 +471,14 @@ class ResticdService(service.MultiService):
                 await drained
             except defer.TimeoutError:
                 log.warn("{count} requests still in flight; closing them", count=self.in_flight.count)
+        # Let every connection send what it has queued (the answers to the
+        # last requests) and close, within what is left of the timeout.
+        closed = self.site.close_connections()
+        closed.addTimeout(max(1.0, self.config.shutdown_timeout), self.reactor)
+        try:
+            await closed
+        except defer.TimeoutError:
+            log.warn("{count} connections did not close in time", count=len(self.site.connections))
         await super().stopService()
         self.pool.stop()
         # A stop by SIGTERM or SIGINT is the normal way to end the daemon:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+
 from twisted.web import http, resource, server
 from twisted.web.resource import IResource
 
@@ -59,6 +61,32 @@ class ResticSite(QuietSite):
         self.observers: list[RequestObserver] = []
         self.http2 = http2
         self.limits = limits
+        #: The open connections (for a graceful shutdown).
+        self.connections: set[Any] = set()
+        self._all_closed: list[Deferred[None]] = []
+
+    def connection_opened(self, protocol: Any) -> None:
+        self.connections.add(protocol)
+
+    def connection_closed(self, protocol: Any) -> None:
+        self.connections.discard(protocol)
+        if not self.connections:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def close_connections(self) -> Deferred[None]:
+        """
+        Close every open connection once it has sent what it has queued; the
+        Deferred fires when all are closed.
+        """
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+        for protocol in list(self.connections):
+            protocol.close()
+        return d
 
     def acceptableProtocols(self) -> list[bytes]:
         protocols: list[bytes] = super().acceptableProtocols()

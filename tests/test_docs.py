@@ -20,8 +20,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 import pytest
 from twisted.internet import endpoints
@@ -312,7 +313,8 @@ def test_manpage_entries_carry_the_help_sentences() -> None:
     """
     entries = {entry.name: entry for entry in man_options()}
     metavars = {name: entry.metavar for name, entry in entries.items() if entry.metavar}
-    defaults = {name: default for name, _, default, _ in Options.optParameters if default is not None}
+    parameters = [list(cast(Sequence[Any], entry)) for entry in Options.optParameters]
+    defaults = {entry[0]: entry[2] for entry in parameters if entry[2] is not None}
 
     def normal(text: str) -> str:
         text = re.sub(r"<([a-z0-9-]+)>", lambda m: metavars.get(m.group(1), m.group(1)), text)
