@@ -41,6 +41,7 @@ serve: $(STAMP) $(VAR)/tls/cert.pem
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/ruff check --quiet --select F resticd tests twisted bench
 
 test: $(STAMP) typecheck
 	$(BIN)/python -m pytest

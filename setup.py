@@ -30,6 +30,7 @@ setup(
             "treq>=26.7,<27",
             "mypy>=2.4,<3",
             "mypy-zope>=1.0.17,<2",
+            "ruff>=0.17,<0.18",
         ],
     },
     classifiers=[

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.web import server
 from twisted.web.http import RESPONSES
 
-from .errors import InsufficientStorage, PayloadTooLarge, ResticdError
+from .errors import PayloadTooLarge, ResticdError
 from .logs import client_host, logger
 from .paths import Target, parse_path
 from .spool import Spool, SpoolFile

@@ -4,9 +4,13 @@ Fixtures shared by the test suite.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import pytest_twisted
+from twisted.logger import globalLogPublisher
 
+from .logcapture import LogCapture
 from .web import Server, make_server
 
 
@@ -26,3 +30,16 @@ async def repo(server: Server) -> Server:
     """
     assert (await server.client.post("/r/?create=true")).code == 200
     return server
+
+
+@pytest.fixture
+def logged() -> Iterator[LogCapture]:
+    """
+    Everything logged while the test runs.
+    """
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        yield capture
+    finally:
+        globalLogPublisher.removeObserver(capture)

@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,9 +25,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from resticd.access import (
     ALL,
@@ -66,39 +65,6 @@ X = Right.REPO_DELETE
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-@implementer(ILogObserver)
-class LogCapture:
-    """
-    Collects the events of the global log publisher.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def texts(self, level: LogLevel | None = None, since: int = 0) -> list[str]:
-        """
-        The formatted events from number C{since} on, of one level only when
-        C{level} is given.
-        """
-        return [formatEvent(e) for e in self.events[since:] if level is None or e.get("log_level") == level]
-
-
-@pytest.fixture
-def logged() -> Iterator[LogCapture]:
-    """
-    Everything logged while the test runs.
-    """
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    try:
-        yield capture
-    finally:
-        globalLogPublisher.removeObserver(capture)
 
 
 @dataclass

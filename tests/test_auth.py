@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,8 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import LogLevel
 
 from resticd.auth import Authenticator, Htpasswd, parse_basic, parse_htpasswd
 from resticd.threads import run_inline
@@ -230,40 +229,6 @@ def test_htpasswd_empty_file(tmp_path):
 
 
 # -- helpers for the site tests ----------------------------------------------
-
-
-@implementer(ILogObserver)
-class LogCapture:
-    """
-    Collects the events of the global log publisher.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def texts(self, level: LogLevel | None = None) -> list[str]:
-        """
-        The formatted events, of one level only when C{level} is given.
-        """
-        return [
-            formatEvent(e) for e in self.events if level is None or e.get("log_level") == level
-        ]
-
-
-@pytest.fixture
-def logged() -> Iterator[LogCapture]:
-    """
-    Everything logged while the test runs.
-    """
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    try:
-        yield capture
-    finally:
-        globalLogPublisher.removeObserver(capture)
 
 
 class CountingRunner:

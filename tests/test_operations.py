@@ -37,8 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.application.internet import TimerService
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import LogLevel, formatEvent
 
 from resticd.certs import self_signed
 from resticd.config import Config
@@ -547,32 +546,6 @@ def test_sighup_reopens_access_log(tmp_path):
 
 
 # -- certificates that change by themselves (unit level) -------------------------------
-
-
-@implementer(ILogObserver)
-class LogCapture:
-    """
-    Collects the events of the global log publisher.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def texts(self) -> list[str]:
-        return [formatEvent(e) for e in self.events]
-
-
-@pytest.fixture
-def logged() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    try:
-        yield capture
-    finally:
-        globalLogPublisher.removeObserver(capture)
 
 
 def handshake(creator) -> bytes:

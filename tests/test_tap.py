@@ -14,17 +14,14 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from zope.interface import implementer
 
 from resticd import __version__
 from resticd.certs import self_signed
@@ -597,35 +594,6 @@ def test_daemon_serves_and_stops(tmp_path, tls):
 
 
 # -- ResticdService.prepare ----------------------------------------------------------
-
-
-@implementer(ILogObserver)
-class LogCapture:
-    """
-    Collects the events of the global log publisher.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def texts(self) -> list[str]:
-        return [formatEvent(e) for e in self.events]
-
-
-@pytest.fixture
-def logged() -> Iterator[LogCapture]:
-    """
-    Everything logged while the test runs.
-    """
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    try:
-        yield capture
-    finally:
-        globalLogPublisher.removeObserver(capture)
 
 
 def test_prepare_removes_stale_spool_files(tmp_path, logged):
