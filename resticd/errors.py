@@ -45,6 +45,12 @@ class PayloadTooLarge(ResticdError):
     status = http.REQUEST_ENTITY_TOO_LARGE
 
 
+class RangeNotSatisfiable(ResticdError):
+    """The requested range starts beyond the end of the object."""
+
+    status = http.REQUESTED_RANGE_NOT_SATISFIABLE
+
+
 class Forbidden(ResticdError):
     """The request is well-formed but not allowed (e.g. an overwrite)."""
 
@@ -139,6 +145,38 @@ class ErrorResource(resource.Resource):
 
     def render(self, request: IRequest) -> bytes:
         return error_body(request, self.error)
+
+
+class MethodNotAllowed(ResticdError):
+    """The resource exists but does not answer this method."""
+
+    status = http.NOT_ALLOWED
+
+
+def allowed_methods(resource: object) -> list[bytes]:
+    """
+    The methods a resource answers: one per C{render_*} method, and C{HEAD}
+    only where there is a C{GET}.
+    """
+    methods = {name[len("render_") :] for name in dir(resource) if name.startswith("render_")}
+    if "GET" not in methods:
+        methods.discard("HEAD")
+    return sorted(m.encode("ascii") for m in methods)
+
+
+class PlainResource(resource.Resource):
+    """
+    A resource that answers every method it does not serve, known or not,
+    with a plain-text 405 and an C{Allow} header (never twisted.web's HTML
+    pages).
+    """
+
+    def render(self, request: IRequest) -> bytes | int:
+        allowed = allowed_methods(self)
+        if request.method not in allowed:
+            request.setHeader(b"allow", b", ".join(allowed))
+            return error_body(request, MethodNotAllowed("method not allowed"))
+        return super().render(request)  # type: ignore[no-any-return]
 
 
 def render_failure(request: IRequest, failure: Failure) -> None:

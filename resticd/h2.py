@@ -186,6 +186,9 @@ class ResticChannel(_GenericHTTPChannelProtocol):
             opened(self)
 
     def connectionLost(self, reason: Any) -> None:
+        deadline = getattr(self._channel, "first_line_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         try:
             super().connectionLost(reason)
         finally:
@@ -207,7 +210,32 @@ class ResticChannel(_GenericHTTPChannelProtocol):
             if negotiated == b"h2":
                 self._switch_to_h2()
                 self._negotiatedProtocol = b"h2"  # type: ignore[assignment]
+        if self._negotiatedProtocol != b"h2":
+            self._watch_request_line()
         super().dataReceived(data)
+
+    def _watch_request_line(self) -> None:
+        """
+        HTTP/1.1 makes a request only once its first line is complete: until
+        then, bytes dripped slowly would each reset the idle timeout. Give
+        the request line the request timeout (the request takes over when it
+        exists; see L{resticd.request.SpoolingRequest}).
+        """
+        channel: Any = self._channel
+        if getattr(channel, "requests", None) or getattr(channel, "first_line_deadline", None) is not None:
+            return
+        limits = getattr(self._site, "limits", None)
+        reactor = getattr(self._site, "reactor", None)
+        if limits is None or reactor is None or limits.header_timeout <= 0:
+            return
+
+        def too_slow() -> None:
+            channel.first_line_deadline = None
+            transport = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
+        channel.first_line_deadline = reactor.callLater(limits.header_timeout, too_slow)
 
     def _switch_to_h2(self) -> None:
         old: Any = self._channel

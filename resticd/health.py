@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from twisted.web import resource, server
 
 from .access import parse_size
-from .errors import ErrorResource, NotFound
+from .errors import ErrorResource, NotFound, PlainResource
 
 _PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*\Z")
 
@@ -81,7 +81,7 @@ def _json(request: server.Request, code: int, body: dict[str, object]) -> bytes:
     return json.dumps(body).encode() + b"\n"
 
 
-class Healthy(resource.Resource):
+class Healthy(PlainResource):
     """
     C{/-/healthy}: 200 whenever the process answers.
     """
@@ -92,7 +92,7 @@ class Healthy(resource.Resource):
         return _json(request, 200, {"status": "ok"})
 
 
-class Ready(resource.Resource):
+class Ready(PlainResource):
     """
     C{/-/ready}: 200, or 503 with the reasons.
     """

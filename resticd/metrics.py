@@ -20,11 +20,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.threadpool import ThreadPool
-from twisted.web import resource, server
+from twisted.web import server
 
 from . import __version__
 from .access import Access
-from .errors import VerificationFailed
+from .errors import PlainResource, VerificationFailed
 from .paths import Repo
 from .request import SpoolingRequest
 from .usage import ALL, Usage
@@ -288,7 +288,7 @@ def _quotas(usage: Usage, access: Access) -> Iterator[Metric]:
     yield used
 
 
-class MetricsResource(resource.Resource):
+class MetricsResource(PlainResource):
     """
     C{GET /metrics}: the Prometheus exposition.
     """

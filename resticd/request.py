@@ -126,8 +126,13 @@ class SpoolingRequest(server.Request):
             except Exception:
                 log.failure("observing the start of a request failed")
         self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
-        # HTTP/1.1 creates the request at its first line: its headers must
+        # The request line is in (its own deadline is over); its headers must
         # all arrive within the header timeout (a slowloris drips them).
+        line_deadline = getattr(self.channel, "first_line_deadline", None)
+        if line_deadline is not None:
+            if line_deadline.active():
+                line_deadline.cancel()
+            self.channel.first_line_deadline = None  # type: ignore[attr-defined]
         self._limits: RequestLimits = getattr(self._site, "limits", RequestLimits())
         self._set_deadline(self._limits.header_timeout, "headers")
 
@@ -179,7 +184,13 @@ class SpoolingRequest(server.Request):
         body = error.message.encode("utf-8") + b"\n"
         channel.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (error.status, RESPONSES.get(error.status, b"Error"), len(body), body)
+            b"connection: close\r\n\r\n%s"
+            % (
+                error.status,
+                RESPONSES.get(error.status, b"Error"),
+                len(body),
+                b"" if method == b"HEAD" else body,
+            )
         )
         self.code = error.status
         channel.transport.loseConnection()

@@ -17,13 +17,15 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server, static
+from twisted.web import http, server, static
 from twisted.web.resource import IResource
 
 from .access import Access, Policy, Right
 from .errors import (
     BadRequest,
     ErrorResource,
+    PlainResource,
+    RangeNotSatisfiable,
     Forbidden,
     NotFound,
     ResticdError,
@@ -34,6 +36,7 @@ from .errors import (
 from .listing import content_type, format_entries, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
+from .ranges import parse_range
 from .request import SpoolingRequest
 from .store import Store
 from .threads import Runner
@@ -126,41 +129,18 @@ def serve(request: server.Request, work: Coroutine[Any, Any, bytes]) -> int:
     return server.NOT_DONE_YET
 
 
-class MethodNotAllowed(ResticdError):
-    """The resource exists but does not answer this method."""
-
-    status = http.NOT_ALLOWED
+NOT_FOUND = ErrorResource(NotFound("not found"))
 
 
-def allowed_methods(resource: object) -> list[bytes]:
+class ApiResource(PlainResource):
     """
-    The methods a resource answers: one per C{render_*} method, and C{HEAD}
-    only where there is a C{GET} or a C{HEAD} of its own.
+    A resource whose unknown children are a plain-text 404.
     """
-    methods = {name[len("render_") :] for name in dir(resource) if name.startswith("render_")}
-    if "GET" not in methods:
-        methods.discard("HEAD")
-    return sorted(m.encode("ascii") for m in methods)
-
-
-class ApiResource(resource.Resource):
-    """
-    A resource that answers unsupported methods with a plain-text 405 and an
-    C{Allow} header, and unknown children with a plain-text 404.
-    """
-
-    def render(self, request: server.Request) -> bytes | int:
-        allowed = allowed_methods(self)
-        if request.method not in allowed:
-            request.setHeader(b"allow", b", ".join(allowed))
-            return error_body(request, MethodNotAllowed("method not allowed"))
-        return super().render(request)  # type: ignore[no-any-return]
 
     def getChild(self, path: bytes, request: server.Request) -> IResource:
         return NOT_FOUND
 
 
-NOT_FOUND = ErrorResource(NotFound("not found"))
 
 
 def resource_for(ctx: Context, target: Target | None, user: str | None) -> IResource:
@@ -374,6 +354,17 @@ class StoredFile(TargetResource):
             # restic reads whole files that way and needs an empty 200.
             request.setHeader(b"content-type", OCTET_STREAM)
             return b""
+        # Hand static.File only a range it can serve as it is: one range,
+        # within the file (absurd values never reach a seek).
+        wanted = parse_range(request.getHeader(b"range"), st.st_size)
+        if isinstance(wanted, str):
+            request.setHeader(b"content-range", b"bytes */%d" % st.st_size)
+            return error_body(request, RangeNotSatisfiable("range not satisfiable"))
+        if wanted is None:
+            request.requestHeaders.removeHeader(b"range")
+        else:
+            start, end = wanted
+            request.requestHeaders.setRawHeaders(b"range", [b"bytes=%d-%d" % (start, end)])
         return BlobFile(self.path).render(request)  # type: ignore[no-any-return]
 
     def render_POST(self, request: server.Request) -> int:

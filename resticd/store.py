@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def sha256_file(path: str) -> str:
     The sha256 of a file's content, as lowercase hex.
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -206,8 +207,12 @@ class Store:
         except FileNotFoundError:
             pass
         for kind in HASHED_TYPES:
+            type_dir = layout.type_dir(repo, kind)
+            if os.path.islink(type_dir):
+                os.unlink(type_dir)  # remove the link, never what it points to
+                continue
             try:
-                shutil.rmtree(layout.type_dir(repo, kind))
+                shutil.rmtree(type_dir)
             except FileNotFoundError:
                 pass
         if repo:
@@ -254,8 +259,13 @@ class Store:
             spool.remove()
 
     def _same_content(self, path: str, spool: SpoolFile) -> bool:
+        """
+        Whether the regular file at C{path} (never followed if it is a
+        symbolic link) holds exactly what C{spool} holds.
+        """
         try:
-            if os.stat(path).st_size != spool.size:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != spool.size:
                 return False
             return sha256_file(path) == spool.hexdigest()
         except FileNotFoundError:
@@ -290,11 +300,12 @@ class Store:
     def list_dir(self, directory: str) -> list[Entry]:
         """
         The valid object names in C{directory} with their sizes; a missing
-        directory lists as empty.
+        directory, or one that leads outside the root, lists as empty.
         """
         try:
             scan = os.scandir(self.contained(directory))
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, NotFound):
+            # Missing, or leading out of the root: nothing to list here.
             return []
         entries = []
         with scan:

@@ -6,7 +6,9 @@ L{running} starts one daemon over a fresh data directory, waits (bounded)
 until it logs the addresses it serves, hands back a L{Daemon} and, on exit,
 stops that process by its own pid: SIGTERM, a bounded wait, then SIGKILL. A
 daemon that died before it was told to stop, or that logged a traceback, fails
-the test with its log.
+the test with its log. A test may instead kill it itself (L{Daemon.kill}, a
+crash), and may run several daemons one after another over the same data
+directory (C{running(..., data=...)}).
 """
 
 from __future__ import annotations
@@ -77,6 +79,22 @@ class Daemon:
     log_path: Path
     cert: Path | None = None
     args: list[str] = field(default_factory=list)
+    #: Whether the test killed it on purpose (L{kill}).
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self, timeout: float = STOP_TIMEOUT) -> None:
+        """
+        Crash the daemon: SIGKILL by its own pid, and wait (bounded) until it
+        is gone. Its death is then not a test failure.
+        """
+        self.killed = True
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout)
 
     @property
     def url(self) -> str:
@@ -161,6 +179,8 @@ def running(
     listen: tuple[str, ...] = ("tcp:0:interface=127.0.0.1",),
     check_log: bool = True,
     start_timeout: float = START_TIMEOUT,
+    data: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Daemon]:
     """
     Run C{twistd resticd} over a fresh data directory below C{tmp} until the
@@ -173,12 +193,17 @@ def running(
         C{--no-auth}.
     @param listen: C{--listen} endpoints; must bind 127.0.0.1 or ::1 only.
     @param check_log: fail when the daemon logged a traceback.
+    @param data: the data directory to serve, kept as it is (e.g. the one of
+        an earlier daemon, to restart over it); a fresh one when L{None}.
+    @param env: environment variables to set for the daemon, besides the
+        test's own.
     """
     for description in listen:
         assert "interface=127.0.0.1" in description or "interface=\\:\\:1" in description, description
     tmp.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="resticd-", dir=tmp))
-    data = base / "data"
+    if data is None:
+        data = base / "data"
     log_path = base / "daemon.log"
     argv = [twistd(), "--nodaemon", "--pidfile=", "--logfile=-", "resticd", "--path", str(data)]
     cert: Path | None = None
@@ -193,10 +218,10 @@ def running(
     for description in listen:
         argv += ["--listen", description]
     argv += list(args)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=base, env=env
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=base, env=environment
         )
     try:
         urls = _wait_serving(process, log_path, len(listen), start_timeout)
@@ -210,7 +235,7 @@ def running(
     died = process.poll()
     status = stop(process)
     text = log_path.read_text(errors="replace")
-    if died is not None:
+    if died is not None and not daemon.killed:
         raise AssertionError(f"the daemon died during the test (exit status {died}); its log:\n{text}")
     if status is None:
         raise AssertionError(f"the daemon ignored SIGTERM for {STOP_TIMEOUT} s and was killed; its log:\n{text}")
