@@ -10,6 +10,7 @@ the user it serves and checks that user's rights before doing anything.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -223,8 +224,12 @@ class TypeResource(TargetResource):
     """
 
     def render_GET(self, request: server.Request) -> int | bytes:
+        assert self.target.kind is not None
         try:
             self.authorize(request)
+            # A type directory that leads out of the root is not found (a
+            # data/xx directory that does is skipped while listing).
+            self.ctx.store.contained(self.ctx.store.layout.type_dir(self.repo, self.target.kind))
         except ResticdError as e:
             return error_body(request, e)
         v2 = wants_v2(request.getHeader(b"accept"))
@@ -328,7 +333,7 @@ class StoredFile(TargetResource):
             st = os.stat(self.ctx.store.contained(self.path))
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound("not found") from None
-        if not os.path.isfile(self.path):
+        if not stat.S_ISREG(st.st_mode):
             raise NotFound("not found")
         return st
 
