@@ -128,13 +128,19 @@ class SpoolingRequest(server.Request):
         self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
         # The request line is in (its own deadline is over); its headers must
         # all arrive within the header timeout (a slowloris drips them).
+        self._limits: RequestLimits = getattr(self._site, "limits", RequestLimits())
         line_deadline = getattr(self.channel, "first_line_deadline", None)
         if line_deadline is not None:
-            if line_deadline.active():
-                line_deadline.cancel()
+            # HTTP/1.1: the request line's deadline now covers the headers.
             self.channel.first_line_deadline = None  # type: ignore[attr-defined]
-        self._limits: RequestLimits = getattr(self._site, "limits", RequestLimits())
-        self._set_deadline(self._limits.header_timeout, "headers")
+            if line_deadline.active():
+                line_deadline.reset(self._limits.header_timeout)
+                line_deadline.func = self._too_slow
+                line_deadline.args = ("headers", self._limits.header_timeout)
+                self._deadline = line_deadline
+        elif not hasattr(self.channel, "_conn"):
+            # (An HTTP/2 request arrives with all its headers.)
+            self._set_deadline(self._limits.header_timeout, "headers")
 
     @property
     def _site(self) -> Any:
