@@ -407,8 +407,7 @@ async def test_symlinks_do_not_lead_out_of_the_root(tmp_path) -> None:
     body = b"key"
     assert (await client.post(f"/evil/keys/{name_of(body)}", body)).code == 404
     assert (await client.post("/evil/?create=true")).code == 404
-    listing = await client.get("/evil/keys/")
-    assert (listing.code, listing.body) == (200, b"[]")
+    assert (await client.get("/evil/keys/")).code == 404
     assert sorted(os.listdir(outside / "keys")) == []
     assert (await client.delete("/evil/config")).code == 404
     assert (outside / "config").read_bytes() == b"secret"
