@@ -193,6 +193,15 @@ class ResticChannel(_GenericHTTPChannelProtocol):
             opened(self)
 
     def connectionLost(self, reason: Any) -> None:
+        # What a closed connection could not send stays in its transport's
+        # buffers, which live in reference cycles until a full garbage
+        # collection: drop it now (an aborted download leaves up to a MiB).
+        transport = getattr(self._channel, "transport", None)
+        for layer in (transport, getattr(transport, "transport", None)):
+            if layer is not None and hasattr(layer, "_tempDataBuffer"):
+                layer.dataBuffer = b""
+                layer._tempDataBuffer = []
+                layer._tempDataLen = 0
         deadline = getattr(self._channel, "first_line_deadline", None)
         if deadline is not None and deadline.active():
             deadline.cancel()

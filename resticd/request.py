@@ -113,6 +113,8 @@ class SpoolingRequest(server.Request):
     _checked = 0
     _paused = False
     _deadline: Any = None
+    #: Answered (and its connection closed) before its body: never render.
+    answered_early = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The body is never a form: keep twisted.web from parsing it.
@@ -199,6 +201,7 @@ class SpoolingRequest(server.Request):
             )
         )
         self.code = error.status
+        self.answered_early = True
         channel.transport.loseConnection()
 
     def gotLength(self, length: int | None) -> None:
@@ -290,6 +293,8 @@ class SpoolingRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._clear_deadline()
+        if self.answered_early:
+            return
         super().requestReceived(command, path, version)
 
     def _finished(self, result: object, completed: bool = True) -> None:

@@ -305,10 +305,21 @@ class BlobFile(static.File):
             # HTTP/1.1: fewer, larger reads and writes (HTTP/2 cuts what it
             # sends into frames anyway).
             producer.bufferSize = READ_SIZE
-        # When the client goes away mid-read, close the file: Twisted's HTTP/2
-        # streams do not stop their producer when they are reset.
-        request.notifyFinish().addErrback(lambda failure: producer.stopProducing())
+        # When the client goes away mid-read, close the file (Twisted's HTTP/2
+        # streams do not stop their producer when they are reset) and let go
+        # of the producer, so that what it buffered is freed at once rather
+        # than by the next full garbage collection.
+        request.notifyFinish().addErrback(self._abandoned, request, producer)
         return producer
+
+    @staticmethod
+    def _abandoned(failure: Failure, request: server.Request, producer: Any) -> None:
+        producer.stopProducing()
+        if request.channel is not None:
+            try:
+                request.channel.unregisterProducer()
+            except Exception:
+                pass
 
 
 class StoredFile(TargetResource):

@@ -163,7 +163,9 @@ class Store:
         """
         Create the data root and the spool directory if missing.
         """
-        os.makedirs(self.layout.root, self.modes.directory, exist_ok=True)
+        if not os.path.isdir(self.layout.root):
+            os.makedirs(self.layout.root, self.modes.directory, exist_ok=True)
+            os.chmod(self.layout.root, self.modes.directory)  # not the umask's
         self._mkdir(self.layout.spool_dir())
 
     def repo_exists(self, repo: Repo) -> bool:
@@ -247,21 +249,27 @@ class Store:
             directory = self.contained(os.path.dirname(final))
             spool.sync()
             self._ensure_dir(directory)
-            try:
-                os.link(spool.path, final)
-            except FileExistsError:
-                if self._same_content(final, spool):
-                    return False
-                raise Forbidden("a different object with this name exists")
+            while True:
+                try:
+                    os.link(spool.path, final)
+                    break
+                except FileExistsError:
+                    same = self._same_content(final, spool)
+                    if same is None:
+                        continue  # deleted meanwhile: store ours after all
+                    if same:
+                        return False
+                    raise Forbidden("a different object with this name exists") from None
             self.directory_syncs.sync(directory)
             return True
         finally:
             spool.remove()
 
-    def _same_content(self, path: str, spool: SpoolFile) -> bool:
+    def _same_content(self, path: str, spool: SpoolFile) -> bool | None:
         """
         Whether the regular file at C{path} (never followed if it is a
-        symbolic link) holds exactly what C{spool} holds.
+        symbolic link) holds exactly what C{spool} holds; L{None} when there
+        is no file there (any more).
         """
         try:
             st = os.lstat(path)
@@ -269,7 +277,7 @@ class Store:
                 return False
             return sha256_file(path) == spool.hexdigest()
         except FileNotFoundError:
-            return False
+            return None
 
     def is_stored(self, target: Target) -> bool:
         """
