@@ -873,7 +873,7 @@ def test_identical_upload_racing_a_delete_is_not_refused(tmp_path, monkeypatch):
     first.lose()
     compare = server.store._same_content
 
-    def deleted_meanwhile(path: str, spool: object) -> bool:
+    def deleted_meanwhile(path: str, spool: object) -> bool | None:
         os.unlink(path)  # the racing DELETE
         return compare(path, spool)  # type: ignore[arg-type]
 
