@@ -270,9 +270,25 @@ class ResticChannel(_GenericHTTPChannelProtocol):
         network_producer.registerProducer(channel, True)
 
 
+class ResticHTTPChannel(HTTPChannel):
+    """
+    Twisted's HTTP/1.1 channel, answering an over-long request or header
+    line with 431 before closing (Twisted closes without an answer).
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        transport: Any = self.transport
+        body = b"request line or header line too long\n"
+        transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+
+
 def channel_for(factory: HTTPFactory) -> ResticChannel:
     """
     The protocol of a new connection to C{factory} (an HTTPFactory's
     C{protocol}).
     """
-    return ResticChannel(HTTPChannel())
+    return ResticChannel(ResticHTTPChannel())
