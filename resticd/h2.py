@@ -279,9 +279,12 @@ class ResticHTTPChannel(HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         transport: Any = self.transport
         body = b"request line or header line too long\n"
+        # The method, from the request line already parsed or the long one.
+        method = getattr(self, "_command", None) or line.split(b" ", 1)[0]
         transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (len(body), b"" if method == b"HEAD" else body)
         )
         transport.loseConnection()
 
