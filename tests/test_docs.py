@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ from twisted.plugin import getPlugins
 
 from resticd import users
 from resticd.tap import Options, endpoint_description
+
+from .tools import required_program
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -342,11 +343,7 @@ def test_manpage_has_no_mandoc_lint_output(page: Path) -> None:
     man/resticd-users.8 (apart from mdoc-only style notes); without mandoc
     the test is skipped, except on CI.
     """
-    mandoc = shutil.which("mandoc")
-    if mandoc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mandoc is not installed")
-        pytest.skip("mandoc is not installed")
+    mandoc = required_program("mandoc")
     result = subprocess.run(
         [mandoc, "-Tlint", str(page)], capture_output=True, text=True, check=False, timeout=60
     )

@@ -49,6 +49,7 @@ from resticd.tls import certificate_expiry
 
 from .daemon import Daemon, running, write_htpasswd
 from .web import V2, Server, SiteClient, make_server, name_of, result
+from .tools import required_program
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "etc" / "grafana" / "resticd.json"
@@ -752,12 +753,7 @@ def restic_bin() -> str:
     The restic executable: a test failure in CI when it is missing, a skip
     elsewhere.
     """
-    path = shutil.which("restic")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("restic is not installed, and CI must run these tests")
-        pytest.skip("restic is not installed")
-    return path
+    return required_program("restic")
 
 
 METRICS_SERVING = re.compile(r"resticd serving metrics of .+ on (?P<url>http://\S+)\s*$", re.M)
@@ -894,12 +890,7 @@ def test_restic_session_measured(tmp_path, restic_bin):
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool (Debian package prometheus) is not installed, and CI must run these tests")
-        pytest.skip("promtool is not installed")
-    return path
+    return required_program("promtool", "prometheus")
 
 
 def run_promtool(*args: str) -> str:

@@ -49,6 +49,7 @@ from resticd.tls import ReloadingTLS
 from .daemon import SERVING, START_TIMEOUT, TRACEBACK_MARKERS, sha256_hex, stop, twistd, write_htpasswd
 from .test_restic import ACCESS_LINE, Restic
 from .test_tap import assert_one_error, run_twistd
+from .tools import required_program
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -64,19 +65,6 @@ LOADED_CERT = "loaded TLS certificate"
 
 
 # -- helpers: tools, certificates, ports ----------------------------------------
-
-
-def tool(name: str) -> str:
-    """
-    The path of an external program the test needs: a test failure in CI
-    when it is missing, a skip elsewhere.
-    """
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed, and CI must run this test")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 @dataclass
@@ -107,7 +95,7 @@ def restic_bin() -> str:
     The restic executable (a failure in CI when it is missing, a skip
     elsewhere).
     """
-    return tool("restic")
+    return required_program("restic")
 
 
 def new_pair() -> Pair:
@@ -902,7 +890,7 @@ def test_socket_activation_with_restic(tmp_path, restic_bin):
     the connection that started it is answered, and restic can init, back
     up and check a repository through it. SIGTERM stops it with status 0.
     """
-    activate = tool("systemd-socket-activate")
+    activate = required_program("systemd-socket-activate")
     port = free_port()
     home = tmp_path / "home"
     home.mkdir()
@@ -973,7 +961,7 @@ def test_unix_socket_listener_with_curl(tmp_path):
     serves the protocol: create a repository, upload an object, read part of
     it back with a Range, and list the data objects in the v2 format.
     """
-    curl = tool("curl")
+    curl = required_program("curl")
     directory = Path(tempfile.mkdtemp(prefix="u", dir="/tmp"))  # a short path for the socket
     try:
         sock = directory / "resticd.sock"

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from urllib.parse import quote
 import pytest
 
 from .daemon import Daemon, running
+from .tools import required_program
 
 pytestmark = pytest.mark.restic
 
@@ -42,12 +42,7 @@ def restic_bin() -> str:
     The restic executable: a test failure in CI when it is missing, a skip
     elsewhere.
     """
-    path = shutil.which("restic")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("restic is not installed, and CI must run these tests")
-        pytest.skip("restic is not installed")
-    return path
+    return required_program("restic")
 
 
 @dataclass

@@ -12,7 +12,6 @@ they fail: C{.ci/run} installs it.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 from resticd.certs import write_self_signed
 
 from .daemon import Daemon, running
+from .tools import required_program
 
 pytestmark = pytest.mark.network
 
@@ -43,12 +43,7 @@ def sslscan() -> str:
     """
     The sslscan binary; skips the test without it, or fails in CI.
     """
-    path = shutil.which("sslscan")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("sslscan is not installed (.ci/run installs the Debian package sslscan)")
-        pytest.skip("sslscan is not installed (apt-get install sslscan)")
-    return path
+    return required_program("sslscan")
 
 
 @dataclass
@@ -232,11 +227,7 @@ def test_checks_flag_a_weak_server(tmp_path):
     ServerHello that chose it.)
     """
     scanner = sslscan()
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("openssl is not installed")
-        pytest.skip("openssl is not installed")
+    openssl = required_program("openssl")
     cert, key = write_self_signed(str(tmp_path / "tls"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
