@@ -273,8 +273,21 @@ class ResticChannel(_GenericHTTPChannelProtocol):
 class ResticHTTPChannel(HTTPChannel):
     """
     Twisted's HTTP/1.1 channel, answering an over-long request or header
-    line with 431 before closing (Twisted closes without an answer).
+    line with 431 before closing (Twisted closes without an answer), and
+    never answering again on a connection that was answered early and is
+    closing (L{answered}).
     """
+
+    #: An answer was written before the request was complete, and the
+    #: connection is closing: whatever else arrives is not answered.
+    answered = False
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.answered:
+            transport: Any = self.transport
+            transport.loseConnection()
+            return
+        super()._respondToBadRequestAndDisconnect()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         transport: Any = self.transport
@@ -286,6 +299,7 @@ class ResticHTTPChannel(HTTPChannel):
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
             % (len(body), b"" if method == b"HEAD" else body)
         )
+        self.answered = True
         transport.loseConnection()
 
 

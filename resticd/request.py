@@ -202,6 +202,9 @@ class SpoolingRequest(server.Request):
         )
         self.code = error.status
         self.answered_early = True
+        # Parse nothing more from this connection, and answer nothing more.
+        channel.paused = True
+        channel.answered = True  # type: ignore[attr-defined]
         channel.transport.loseConnection()
 
     def gotLength(self, length: int | None) -> None:
