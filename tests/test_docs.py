@@ -204,9 +204,10 @@ def man_options() -> list[ManOption]:
 
 def roff_option(name: str) -> str:
     """
-    How an option is written in roff source: every hyphen as C{\\-}.
+    How an option is written in roff source: its two leading dashes as
+    C{\\-\\-}, the hyphens inside its name as they are.
     """
-    return "\\-\\-" + name.replace("-", "\\-")
+    return "\\-\\-" + name
 
 
 def facts(sentence: str) -> list[str]:
