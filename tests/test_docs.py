@@ -242,7 +242,7 @@ def test_help_lists_every_option() -> None:
 def test_every_option_is_in_readme_and_manpage() -> None:
     """
     Every long option of L{Options} appears in README.md as C{--name} and in
-    man/resticd.8 as C{\\-\\-name} (hyphens escaped), each as a whole option
+    man/resticd.8 as C{\\-\\-name} (the leading dashes escaped), each as a whole option
     (C{--tls} is not satisfied by C{--tls-cert}).
     """
     readme = README.read_text(encoding="utf-8")
