@@ -10,9 +10,8 @@ import resource
 import signal
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -31,7 +30,6 @@ from .config import Config
 from .errors import ErrorResource, Forbidden, NotFound
 from .health import Health, readiness_problems
 from .logs import RequestLogger, describe_address, logger, set_debug
-from .metrics import Metrics, MetricsResource
 from .paths import Layout, Target
 from .request import RequestLimits, SpoolingRequest
 from .resources import Context, RepoResource
@@ -42,6 +40,9 @@ from .threads import PoolRunner, Runner
 from .systemd import notify
 from .tls import ReloadingTLS, TLSConfigError
 from .usage import Usage, tally
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logger(__name__)
 
@@ -128,6 +129,8 @@ def make_site(
 
     fixed = {b"-": health_resource(config, ctx)}
     if metrics is not None and config.prometheus:
+        from .metrics import MetricsResource
+
         exposition = MetricsResource(metrics.exposition)
 
         def metrics_for(user: str | None) -> IResource:
@@ -168,6 +171,8 @@ def make_metrics_site(config: Config, ctx: Context, metrics: Metrics, reactor: A
     The site of C{--prometheus-listen}: metrics and health only, no
     repositories, no authentication.
     """
+    from .metrics import MetricsResource
+
     fixed = {b"metrics": MetricsResource(metrics.exposition), b"-": health_resource(config, ctx)}
     return QuietSite(SiteRoot(ErrorResource(NotFound("not found")), fixed), reactor=reactor)
 
@@ -238,6 +243,11 @@ class ResticdService(service.MultiService):
             internet.TimerService(RELOAD_CHECK_INTERVAL, self.reload).setServiceParent(self)
         self.metrics: Metrics | None = None
         if config.prometheus or config.prometheus_listen:
+            # prometheus_client is imported only when metrics are served.
+            from prometheus_client import CollectorRegistry
+
+            from .metrics import Metrics
+
             self.metrics = Metrics(
                 CollectorRegistry(), self.ctx.usage, self.ctx.access, reactor, self.pool, self.store.layout.root
             )
