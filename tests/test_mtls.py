@@ -12,10 +12,8 @@ import datetime
 import http.client
 import os
 import re
-import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
 
 from .daemon import Daemon, running
+from .test_network import H2Client, tls_connect
 from .test_restic import COMMAND_TIMEOUT, Restic, restic_bin
 
 pytestmark = pytest.mark.network
@@ -204,15 +200,6 @@ def http1_status(daemon: Daemon, client_cert: Path | None, method: str, path: st
         conn.close()
 
 
-def tls_connect(daemon: Daemon, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    raw = socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT)
-    try:
-        return ctx.wrap_socket(raw, server_hostname=daemon.host)
-    except BaseException:
-        raw.close()
-        raise
-
-
 def refusal(daemon: Daemon, ctx: ssl.SSLContext) -> str:
     """
     Connect with C{ctx}, send a request and read; how the daemon refused the
@@ -237,78 +224,6 @@ def refusal(daemon: Daemon, ctx: ssl.SSLContext) -> str:
         sock.close()
     assert not answer, f"a client the daemon should refuse got an answer: {answer!r}"
     return "closed without an answer"
-
-
-@dataclass
-class H2Answer:
-    status: int
-    body: bytes
-
-
-class H2Client:
-    """
-    A minimal synchronous HTTP/2 client over one TLS connection (ALPN h2),
-    for requests without a body.
-    """
-
-    def __init__(self, daemon: Daemon, client_cert: Path | None) -> None:
-        self.authority = f"{daemon.host}:{daemon.port}"
-        self.sock = tls_connect(daemon, client_context(daemon, client_cert, alpn=["h2"]))
-        assert self.sock.selected_alpn_protocol() == "h2"
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        self.conn.initiate_connection()
-        self._flush()
-
-    def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.sock.sendall(data)
-
-    def close(self) -> None:
-        try:
-            self.conn.close_connection()
-            self._flush()
-        except OSError:
-            pass
-        self.sock.close()
-
-    def request(self, method: str, path: str, headers: Sequence[tuple[str, str]] = ()) -> H2Answer:
-        """
-        One request on a new stream of the connection; its answer.
-        """
-        sid = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(
-            sid,
-            [(":method", method), (":scheme", "https"), (":authority", self.authority), (":path", path), *headers],
-            end_stream=True,
-        )
-        self._flush()
-        status: int | None = None
-        body = bytearray()
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no answer to {method} {path} within {TIMEOUT} s"
-            self.sock.settimeout(left)
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError(f"the daemon closed the connection during {method} {path}")
-            for event in self.conn.receive_data(data):
-                if getattr(event, "stream_id", None) != sid:
-                    continue
-                if isinstance(event, ResponseReceived):
-                    received = {bytes(k): bytes(v) for k, v in event.headers}
-                    status = int(received[b":status"])
-                elif isinstance(event, StreamReset):
-                    raise AssertionError(f"the daemon reset the stream of {method} {path}: {event}")
-                elif isinstance(event, StreamEnded):
-                    self._flush()
-                    assert status is not None
-                    return H2Answer(status, bytes(body))
-                elif isinstance(event, DataReceived):
-                    body += event.data
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
-            self._flush()
 
 
 @pytest.fixture
@@ -397,11 +312,11 @@ def test_certificate_user_on_http2_streams(cert_only: Daemon, pki: PKI) -> None:
     certificate's user: with --private-repos, CN=alice's streams create
     /alice/ (200) and are refused /bob/ (403), on one connection.
     """
-    client = H2Client(cert_only, pki.alice)
+    client = H2Client(cert_only, client_context(cert_only, pki.alice, alpn=["h2"]))
     try:
         assert client.request("POST", "/alice/?create=true").status == 200
         assert client.request("POST", "/bob/?create=true").status == 403
-        listing = client.request("GET", "/alice/keys/", [("accept", "application/vnd.x.restic.rest.v2")])
+        listing = client.request("GET", "/alice/keys/", headers=[("accept", "application/vnd.x.restic.rest.v2")])
         assert (listing.status, listing.body) == (200, b"[]")
         assert client.request("GET", "/bob/keys/").status == 403
     finally:
@@ -427,9 +342,9 @@ def test_certificate_and_password_both_required(cert_and_password: Daemon, pki: 
         headers = {} if authorization is None else {"Authorization": authorization}
         if protocol == "http/1.1":
             return http1_status(daemon, cert, "POST", path, **headers)
-        client = H2Client(daemon, cert)
+        client = H2Client(daemon, client_context(daemon, cert, alpn=["h2"]))
         try:
-            return client.request("POST", path, [(k.lower(), v) for k, v in headers.items()]).status
+            return client.request("POST", path, headers=[(k.lower(), v) for k, v in headers.items()]).status
         finally:
             client.close()
 

@@ -119,9 +119,15 @@ class H2Client:
     needs (settings, pings, window updates).
     """
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, context: ssl.SSLContext | None = None) -> None:
+        """
+        Connect to C{daemon}, with C{context} (which must offer h2), or one
+        that trusts the daemon's certificate.
+        """
         self.authority = f"{daemon.host}:{daemon.port}"
-        self.sock = tls_connect(daemon, tls_context(daemon.cert, alpn=["h2", "http/1.1"]))
+        if context is None:
+            context = tls_context(daemon.cert, alpn=["h2", "http/1.1"])
+        self.sock = tls_connect(daemon, context)
         # Like Go: no Nagle delays on small frames.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assert self.sock.selected_alpn_protocol() == "h2"
