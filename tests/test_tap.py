@@ -794,3 +794,45 @@ def test_make_service(data):
     assert isinstance(service, ResticdService)
     assert service.config == options.config
     assert not (data / "repos").exists()
+
+
+def test_metrics_library_loaded_only_when_metrics_are_served() -> None:
+    """
+    A daemon without --prometheus does not import prometheus_client (it
+    starts faster); one with it does.
+    """
+    code = (
+        "import sys\n"
+        "from twisted.internet.testing import MemoryReactor\n"
+        "from resticd.config import Config\n"
+        "from resticd.service import ResticdService\n"
+        "ResticdService(Config(path=sys.argv[1], prometheus=sys.argv[2] == 'on'), MemoryReactor())\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    for setting, loaded in (("off", "False"), ("on", "True")):
+        result = subprocess.run(
+            [sys.executable, "-c", code, "/tmp/resticd-unused", setting],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stdout.strip() == loaded, (setting, result.stdout, result.stderr)
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """
+    At startup the daemon raises its soft limit on open files to the hard
+    limit (every connection and every upload in flight holds one).
+    """
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "from resticd.service import raise_open_files_limit\n"
+        "raise_open_files_limit()\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "print(soft == hard or hard == resource.RLIM_INFINITY and soft >= 1 << 20, soft > 256)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == ["True", "True"], result.stdout + result.stderr
