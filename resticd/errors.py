@@ -153,15 +153,22 @@ class MethodNotAllowed(ResticdError):
     status = http.NOT_ALLOWED
 
 
-def allowed_methods(resource: object) -> list[bytes]:
+def allowed_methods(resource: object) -> tuple[bytes, ...]:
     """
     The methods a resource answers: one per C{render_*} method, and C{HEAD}
-    only where there is a C{GET}.
+    only where there is a C{GET} (worked out once per class).
     """
-    methods = {name[len("render_") :] for name in dir(resource) if name.startswith("render_")}
-    if "GET" not in methods:
-        methods.discard("HEAD")
-    return sorted(m.encode("ascii") for m in methods)
+    cls = type(resource)
+    allowed = _ALLOWED.get(cls)
+    if allowed is None:
+        methods = {name[len("render_") :] for name in dir(cls) if name.startswith("render_")}
+        if "GET" not in methods:
+            methods.discard("HEAD")
+        allowed = _ALLOWED[cls] = tuple(sorted(m.encode("ascii") for m in methods))
+    return allowed
+
+
+_ALLOWED: dict[type, tuple[bytes, ...]] = {}
 
 
 class PlainResource(resource.Resource):

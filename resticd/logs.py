@@ -107,6 +107,10 @@ class RequestLogger:
     def finished(self, request: SpoolingRequest, completed: bool) -> None:
         started = self._starts.pop(id(request), None)
         outcome = request.outcome
+        refused = outcome.error.status if outcome.error is not None else request.code
+        is_refusal = (completed or outcome.error is not None) and refused in REFUSALS
+        if not (is_refusal or self.debug):
+            return
         fields = dict(
             method=printable(request.method),
             path=printable(request.path),
@@ -114,12 +118,11 @@ class RequestLogger:
             user=printable(outcome.user),
             client=client_host(request),
         )
-        refused = outcome.error.status if outcome.error is not None else request.code
-        if (completed or outcome.error is not None) and refused in REFUSALS:
+        if is_refusal:
             reason = outcome.error.message if outcome.error is not None else "refused"
             fields["status"] = refused
             self.log.warn("refused {status} {method} {path} for user {user} from {client}: {reason}", reason=reason, **fields)
-        elif self.debug:
+        else:
             duration = self.clock.seconds() - started if started is not None else 0.0
             self.log.info(
                 '"{method} {uri} {protocol}" {status} {bytes} bytes for user {user} from {client}'

@@ -112,6 +112,7 @@ class SpoolingRequest(server.Request):
     _upload_target: Target | None = None
     _checked = 0
     _paused = False
+    _end_observed = False
     _deadline: Any = None
     #: Answered (and its connection closed) before its body: never render.
     answered_early = False
@@ -264,7 +265,9 @@ class SpoolingRequest(server.Request):
         stream (which then stops opening its flow-control window), or the
         HTTP/1.1 connection's transport.
         """
-        channel = self.channel
+        # A request that was answered no longer has a channel (twisted.web
+        # deletes the attribute); its connection may serve another by now.
+        channel = getattr(self, "channel", None)
         if hasattr(channel, "_conn"):
             return channel
         return getattr(channel, "_networkProducer", None)
@@ -281,8 +284,10 @@ class SpoolingRequest(server.Request):
         if not self._paused:
             return
         self._paused = False
+        if self.finished or self._disconnected:
+            return
         producer = self._body_producer()
-        if producer is not None and not self._disconnected:
+        if producer is not None:
             self._set_deadline(self._limits.body_stall_timeout, "body")
             producer.resumeProducing()
 
@@ -300,7 +305,18 @@ class SpoolingRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
+    def finish(self) -> None:
+        # Observe the end before twisted.web hands the connection to the next
+        # pipelined request (it fires notifyFinish only after that), so that
+        # access-log lines come in the order the answers were sent.
+        if not self.finished and not self._disconnected:
+            self._finished(None)
+        super().finish()
+
     def _finished(self, result: object, completed: bool = True) -> None:
+        if self._end_observed:
+            return
+        self._end_observed = True
         self._clear_deadline()
         if self.spool_file is not None:
             self.spool_file.discard()

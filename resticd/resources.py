@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -39,6 +39,7 @@ from .logs import logger
 from .paths import Target, repo_label, step
 from .ranges import parse_range
 from .request import SpoolingRequest
+from .sendfile import SendfileProducer, sendfile_transport
 from .store import Store
 from .threads import Runner
 from .usage import Gate, Quota, Usage
@@ -46,8 +47,11 @@ from .usage import Gate, Quota, Usage
 log = logger(__name__)
 
 OCTET_STREAM = b"application/octet-stream"
-#: Bytes read from an object at a time when sending it over HTTP/1.1.
+#: Bytes read from an object at a time when sending it over HTTP/1.1; also
+#: the largest answer read in one go.
 READ_SIZE = 1 << 20
+#: Opens a file only to look at it (Linux); a plain read-only open elsewhere.
+O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 
 
 @dataclass
@@ -288,38 +292,36 @@ def abort(request: server.Request) -> None:
     abort_stream()
 
 
-class BlobFile(static.File):
+def static_producer(request: server.Request, file: IO[bytes], start: int, length: int, whole: bool) -> Any:
     """
-    A L{static.File} for one stored object: binary type, plain-text errors.
+    One of L{twisted.web.static}'s producers for C{length} bytes of C{file}
+    from C{start} (TLS and HTTP/2, where the bytes must pass through
+    Python anyway).
     """
+    producer: Any
+    if whole:
+        producer = static.NoRangeStaticProducer(request, file)
+    else:
+        producer = static.SingleRangeStaticProducer(request, file, start, length)
+    if not hasattr(request.channel, "_conn"):
+        # HTTP/1.1 over TLS: fewer, larger reads and writes (HTTP/2 cuts
+        # what it sends into frames anyway).
+        producer.bufferSize = READ_SIZE
+    # When the client goes away mid-read, close the file (Twisted's HTTP/2
+    # streams do not stop their producer when they are reset) and let go of
+    # the producer, so that what it buffered is freed at once rather than by
+    # the next full garbage collection.
+    request.notifyFinish().addErrback(_abandoned, request, producer)
+    return producer
 
-    childNotFound = NOT_FOUND  # type: ignore[assignment]
-    forbidden = ErrorResource(ResticdError("cannot read the stored object"))  # type: ignore[assignment]
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path, defaultType="application/octet-stream")
-
-    def makeProducer(self, request: server.Request, fileForReading: Any) -> Any:
-        producer = super().makeProducer(request, fileForReading)
-        if not hasattr(request.channel, "_conn"):
-            # HTTP/1.1: fewer, larger reads and writes (HTTP/2 cuts what it
-            # sends into frames anyway).
-            producer.bufferSize = READ_SIZE
-        # When the client goes away mid-read, close the file (Twisted's HTTP/2
-        # streams do not stop their producer when they are reset) and let go
-        # of the producer, so that what it buffered is freed at once rather
-        # than by the next full garbage collection.
-        request.notifyFinish().addErrback(self._abandoned, request, producer)
-        return producer
-
-    @staticmethod
-    def _abandoned(failure: Failure, request: server.Request, producer: Any) -> None:
-        producer.stopProducing()
-        if request.channel is not None:
-            try:
-                request.channel.unregisterProducer()
-            except Exception:
-                pass
+def _abandoned(failure: Failure, request: server.Request, producer: Any) -> None:
+    producer.stopProducing()
+    if request.channel is not None:
+        try:
+            request.channel.unregisterProducer()
+        except Exception:
+            pass
 
 
 class StoredFile(TargetResource):
@@ -340,10 +342,16 @@ class StoredFile(TargetResource):
             self.path = layout.object_path(self.repo, self.kind, self.name)
 
     def _stat(self) -> os.stat_result:
+        """
+        The stored file's status, without opening it for reading;
+        L{NotFound} when it is missing, not a regular file, or outside the
+        data root.
+        """
+        fd = self.ctx.store.open_contained(self.path, O_PATH)
         try:
-            st = os.stat(self.ctx.store.contained(self.path))
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound("not found") from None
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotFound("not found")
         return st
@@ -359,29 +367,70 @@ class StoredFile(TargetResource):
         request.setHeader(b"accept-ranges", b"bytes")
         return b""
 
+    def _open(self) -> tuple[IO[bytes], os.stat_result]:
+        """
+        The stored file, open for reading, and its status; L{NotFound} when
+        it is missing, not a regular file, or outside the data root.
+        """
+        try:
+            fd = self.ctx.store.open_contained(self.path)
+        except IsADirectoryError:
+            raise NotFound("not found") from None
+        except OSError:
+            raise ResticdError("cannot read the stored object") from None
+        file = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            file.close()
+            raise NotFound("not found")
+        return file, st
+
     def render_GET(self, request: server.Request) -> bytes | int:
+        """
+        The object, or the one byte range asked for (206): small answers
+        are read at once; larger ones are sent with C{sendfile(2)} on plain
+        sockets and by L{twisted.web.static}'s producers otherwise.
+        """
         try:
             self.authorize(request)
-            st = self._stat()
+            file, st = self._open()
         except ResticdError as e:
             return error_body(request, e)
-        if st.st_size == 0:
-            # static.File answers "Range: bytes=0-" on an empty file with 416;
-            # restic reads whole files that way and needs an empty 200.
-            request.setHeader(b"content-type", OCTET_STREAM)
-            return b""
-        # Hand static.File only a range it can serve as it is: one range,
-        # within the file (absurd values never reach a seek).
-        wanted = parse_range(request.getHeader(b"range"), st.st_size)
+        size = st.st_size
+        # One range, clipped to the object; absurd values never reach a
+        # seek. An empty object is always a 200 with no body: restic reads
+        # whole files with "Range: bytes=0-".
+        wanted = parse_range(request.getHeader(b"range"), size) if size else None
         if isinstance(wanted, str):
-            request.setHeader(b"content-range", b"bytes */%d" % st.st_size)
+            file.close()
+            request.setHeader(b"content-range", b"bytes */%d" % size)
             return error_body(request, RangeNotSatisfiable("range not satisfiable"))
-        if wanted is None:
-            request.requestHeaders.removeHeader(b"range")
-        else:
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"content-type", OCTET_STREAM)
+        if request.setLastModified(st.st_mtime) is http.CACHED:
+            file.close()
+            return b""
+        start, length = 0, size
+        if wanted is not None:
             start, end = wanted
-            request.requestHeaders.setRawHeaders(b"range", [b"bytes=%d-%d" % (start, end)])
-        return BlobFile(self.path).render(request)  # type: ignore[no-any-return]
+            length = end - start + 1
+            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end, size))
+        request.setHeader(b"content-length", b"%d" % length)
+        if length <= READ_SIZE:
+            with file:
+                data = os.pread(file.fileno(), length, start)
+            if len(data) == length:
+                return data
+            # The file is shorter than it was a moment ago.
+            abort(request)
+            return server.NOT_DONE_YET
+        transport = sendfile_transport(request)
+        if transport is not None:
+            SendfileProducer(request, transport, file, start, length).start()
+        else:
+            static_producer(request, file, start, length, wanted is None).start()
+        return server.NOT_DONE_YET
 
     def render_POST(self, request: server.Request) -> int:
         return serve(request, self._upload(request))

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
+from .logs import logger
 from .threads import Runner
+
+log = logger(__name__)
 
 
 #: Body bytes are hashed and written in pieces of about this size.
@@ -41,7 +44,12 @@ class WriteBudget:
         if self._waiting and self.used <= self.limit // 2:
             waiting, self._waiting = self._waiting, []
             for resume in waiting:
-                resume()
+                try:
+                    resume()
+                except Exception:
+                    # One upload's failure must neither stop the others from
+                    # resuming nor be reported as the writer's error.
+                    log.failure("resuming an upload failed")
 
     @property
     def exceeded(self) -> bool:

@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -841,3 +842,94 @@ def test_http1_cancelled_download_closes_file(plain_daemon: Daemon) -> None:
             sock.sendall(f"GET /h1cancel/data/{name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
             assert sock.recv(1 << 16).startswith(b"HTTP/1.1 206")
     assert wait_no_fd(plain_daemon, name) == []
+
+
+def read_responses(reader: BinaryIO, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """
+    The next C{count} responses (status, headers, body) to GET requests
+    pipelined on one connection, read from one buffered reader.
+    """
+    responses = []
+    for _ in range(count):
+        status_line = reader.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        headers: dict[str, str] = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = reader.read(int(headers["content-length"]))
+        responses.append((int(status_line.split()[1]), headers, body))
+    return responses
+
+
+def read_bytes_metric(daemon: Daemon) -> float:
+    """
+    C{rest_server_blob_read_bytes_total}, summed over its labels.
+    """
+    conn = http1(daemon)
+    try:
+        status, _, body = call(conn, "GET", "/metrics")
+    finally:
+        conn.close()
+    assert status == 200
+    return sum(float(v) for v in re.findall(rb"^rest_server_blob_read_bytes_total\{[^}]*\} (\S+)$", body, re.M))
+
+
+def test_http1_large_downloads_whole_ranged_pipelined_and_slow(tmp_path: Path) -> None:
+    """
+    Over plain HTTP/1.1 (where objects are sent with sendfile), a 24 MiB
+    object comes back byte for byte: whole (200), as restic asks for it
+    (C{bytes=0-}, 206 with Content-Range), a range in the middle, three
+    pipelined requests answered in order on one connection, and to a reader
+    with a small receive buffer that reads slowly. The bytes sent are
+    counted in the metrics and the access log.
+    """
+    access_log = tmp_path / "access.log"
+    with running(tmp_path, "--prometheus-no-auth", "--log", str(access_log), tls=False) as daemon:
+        body = os.urandom(24 * MIB)
+        name = sha256_hex(body)
+        path = f"/big/data/{name}"
+        conn = http1(daemon)
+        try:
+            assert call(conn, "POST", "/big/?create=true")[0] == 200
+            assert call(conn, "POST", path, body)[0] == 200
+            status, response, got = call(conn, "GET", path)
+            assert (status, response.getheader("content-length"), got == body) == (200, str(len(body)), True)
+            status, response, got = call(conn, "GET", path, Range="bytes=0-")
+            assert status == 206 and got == body
+            assert response.getheader("content-range") == f"bytes 0-{len(body) - 1}/{len(body)}"
+            status, response, got = call(conn, "GET", path, Range="bytes=5000000-5999999")
+            assert status == 206 and got == body[5_000_000:6_000_000]
+            assert response.getheader("content-type") == "application/octet-stream"
+        finally:
+            conn.close()
+        sent = 2 * len(body) + 1_000_000
+
+        with socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT) as sock:
+            requests = [f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: {r}\r\n\r\n" for r in ("bytes=0-", "bytes=0-9", "bytes=-10")]
+            sock.sendall("".join(requests).encode())
+            answers = read_responses(sock.makefile("rb"), 3)
+        assert [(status, got) for status, _, got in answers] == [(206, body), (206, body[:10]), (206, body[-10:])]
+        sent += len(body) + 20
+
+        with socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
+            reader = sock.makefile("rb", buffering=0)
+            got_slowly = bytearray()
+            header_end = -1
+            while header_end < 0 or len(got_slowly) < header_end + 4 + len(body):
+                chunk = reader.read(64 * 1024)
+                assert chunk, "the connection closed before the whole body arrived"
+                got_slowly += chunk
+                if header_end < 0:
+                    header_end = got_slowly.find(b"\r\n\r\n")
+                if len(got_slowly) < 2 * MIB:
+                    time.sleep(0.002)
+        assert got_slowly.startswith(b"HTTP/1.1 206 ")
+        assert bytes(got_slowly[header_end + 4 :]) == body
+        sent += len(body)
+
+        assert read_bytes_metric(daemon) == sent
+    logged = re.findall(r'"GET /big/data/\S+ HTTP/1.1" (\d+) (\d+)', access_log.read_text())
+    assert [int(size) for _, size in logged] == [len(body), len(body), 1_000_000, len(body), 10, 10, len(body)]

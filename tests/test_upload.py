@@ -389,6 +389,65 @@ def test_write_backlog_pauses_the_client(server: Server) -> None:
         assert f.read() == body
 
 
+def release_writes_of(runner: HeldWrites, spool: SpoolFile | None) -> None:
+    """
+    Run every write of C{spool} queued in C{runner}, leaving the others.
+    """
+    assert spool is not None
+    while True:
+        mine = [i for i, (_, f, _) in enumerate(runner.queued) if getattr(f, "__self__", None) is spool]
+        if not mine:
+            return
+        d, f, args = runner.queued.pop(mine[0])
+        run_inline(f, *args).chainDeferred(d)
+
+
+@ensure
+async def test_upload_answered_while_paused_does_not_break_the_others(repo: Server) -> None:
+    """
+    An upload paused by the write budget whose body is complete is written,
+    stored and answered while another upload's backlog still holds the
+    budget; when that backlog drains, the other upload is resumed and
+    stored, and neither gets a write error.
+    """
+    runner = HeldWrites()
+    repo.site.spool = Spool(repo.layout.spool_dir(), 0o600, runner, WriteBudget(limit=2 * PIECE))
+    first, first_transport = open_request(repo)
+    body = os.urandom(3 * PIECE)
+    name = name_of(body)
+    first.requestHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    first.gotLength(len(body))
+    for i in range(0, len(body), 65536):
+        first.handleContentChunk(body[i : i + 65536])
+    assert first_transport.producerState == "paused"
+    first_spool = first.spool_file
+
+    second, second_transport = open_request(repo)
+    other = os.urandom(2 * PIECE + 1)
+    second.requestHeaders.setRawHeaders(b"content-length", [b"%d" % len(other)])
+    second.gotLength(len(other))
+    second.handleContentChunk(other[:PIECE])
+    second.handleContentChunk(other[PIECE : 2 * PIECE])
+    assert second_transport.producerState == "paused"
+    second_spool = second.spool_file
+
+    # The first upload is written, stored and answered; the second one's
+    # backlog still exceeds half the budget.
+    first.requestReceived(b"POST", f"/r/data/{name}".encode(), b"HTTP/1.1")
+    release_writes_of(runner, first_spool)
+    assert first_transport.value().startswith(b"HTTP/1.1 200 ")
+    assert second_transport.producerState == "paused"
+
+    release_writes_of(runner, second_spool)
+    assert second_transport.producerState == "producing"
+    second.handleContentChunk(other[2 * PIECE :])
+    second.requestReceived(b"POST", f"/r/data/{name_of(other)}".encode(), b"HTTP/1.1")
+    release_writes_of(runner, second_spool)
+    assert second_transport.value().startswith(b"HTTP/1.1 200 ")
+    assert (await repo.client.get(f"/r/data/{name_of(other)}")).code == 200
+    assert repo.spool_files() == []
+
+
 def test_directory_fsyncs_are_shared_by_concurrent_uploads() -> None:
     """
     Uploads that publish into one directory at the same time share its
