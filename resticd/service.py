@@ -18,7 +18,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
@@ -38,7 +37,7 @@ from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
 from .systemd import notify
-from .tls import ReloadingTLS, TLSConfigError
+from .tls import BatchingTLSFactory, ReloadingTLS, TLSConfigError
 from .usage import Usage, tally
 
 if TYPE_CHECKING:
@@ -310,7 +309,7 @@ class ResticdService(service.MultiService):
             self.metrics.set_certificate_expiry if self.metrics is not None else lambda expiry: None,
         )
         internet.TimerService(TLS_CHECK_INTERVAL, self._reload_tls).setServiceParent(self)
-        return TLSMemoryBIOFactory(self.tls, False, self.site)
+        return BatchingTLSFactory(self.tls, False, self.site)
 
     def _reload_tls(self, force: bool = False) -> Deferred[bool]:
         assert self.tls is not None

@@ -1,0 +1,101 @@
+"""
+The server's TLS layer in memory: what it hands the HTTP layers above it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test.iosim import connectedServerAndClient
+
+from resticd.certs import write_self_signed
+from resticd.tls import BatchingTLSFactory, ReloadingTLS
+
+
+class Recorder(Protocol):
+    """
+    Keeps every C{dataReceived} call and how the connection ended.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = reason
+
+
+def tls_pair(tmp_path: Path) -> tuple[Recorder, Recorder, object]:
+    """
+    A server behind L{BatchingTLSFactory} and a TLS client, connected in
+    memory; the handshake is done. Returns both protocols and the pump.
+    """
+    cert, key = write_self_signed(str(tmp_path))
+    server = Recorder()
+    client = Recorder()
+    server_factory = BatchingTLSFactory(ReloadingTLS(cert, key), False, Factory.forProtocol(lambda: server))
+    with open(cert, "rb") as f:
+        trust = Certificate.loadPEM(f.read())
+    client_factory = TLSMemoryBIOFactory(
+        optionsForClientTLS("localhost", trust), True, Factory.forProtocol(lambda: client)
+    )
+    server_tls, client_tls, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None)
+    )
+    pump.flush()
+    return server, client, pump
+
+
+def test_decrypted_records_reach_the_protocol_together(tmp_path: Path) -> None:
+    """
+    What one socket read brings is decrypted and handed to the protocol
+    above in pieces of up to a MiB, not one call per 16 KiB TLS record,
+    and byte for byte in order.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    body = os.urandom(3 * (1 << 20) + 12345)
+    assert client.transport is not None
+    client.transport.write(body)
+    pump.flush()  # type: ignore[attr-defined]
+    assert b"".join(server.chunks) == body
+    # 3 MiB is 193 records; a read delivers its records in at most a MiB.
+    assert len(server.chunks) <= 5, [len(c) for c in server.chunks]
+
+
+def test_data_before_close_notify_is_delivered_then_connection_ends(tmp_path: Path) -> None:
+    """
+    Data that arrives together with the client's TLS close is delivered
+    before the protocol learns the connection has ended, and the end is
+    clean.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    assert client.transport is not None
+    client.transport.write(b"last words")
+    client.transport.loseConnection()
+    pump.flush()  # type: ignore[attr-defined]
+    assert b"".join(server.chunks) == b"last words"
+    assert server.lost is not None
+
+
+def test_large_writes_reach_the_client_intact(tmp_path: Path) -> None:
+    """
+    A large answer written in one call (as downloads are) is encrypted in
+    large pieces and reaches the client byte for byte, in order, along with
+    small writes around it.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    body = os.urandom(5 * (1 << 20) + 777)
+    assert server.transport is not None
+    server.transport.write(b"head")
+    server.transport.write(body)
+    server.transport.writeSequence([b"tail", b"!"])
+    pump.flush()  # type: ignore[attr-defined]
+    assert b"".join(client.chunks) == b"head" + body + b"tail!"
