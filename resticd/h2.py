@@ -16,15 +16,19 @@ L{ResticH2Connection} fixes both, and L{ResticChannel} makes the site use it
 when a client negotiates C{h2} by ALPN. It is also tuned for uploads: it
 accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
 sends a pack in a few dozen frames, not hundreds), it does not build a hex
-dump of every DATA frame for h2's trace log, which is off, and it sends
-several DATA frames per reactor iteration instead of one. Both lean on Twisted internals
+dump of every DATA frame for h2's trace log, which is off, it sends several
+DATA frames per reactor iteration instead of one and hands them to the
+transport (TLS) in one write, and it keeps each stream's queued length
+instead of summing the queue on every write. Both lean on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
-C{_outboundStreamQueues}, C{_sendingDeferred}); setup.py pins the Twisted
-versions they were tested with.
+C{_outboundStreamQueues}, C{_sendingDeferred}, C{_requestReceived},
+C{remainingOutboundWindow}); setup.py pins the Twisted versions they were
+tested with.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +71,64 @@ class _Turn:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.reactor, name)
+
+
+class _GatheredWrites:
+    """
+    Stands in for the transport during one turn of the send loop: the
+    frames it writes are gathered and handed to the transport together at
+    the end of the turn (one TLS write instead of one per frame). Anything
+    else asked of the transport first sends what was gathered.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._pieces: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self._pieces.extend(data)
+
+    def flush(self) -> None:
+        if self._pieces:
+            pieces, self._pieces = self._pieces, []
+            self._transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    def __getattr__(self, name: str) -> Any:
+        self.flush()
+        return getattr(self._transport, name)
+
+
+class _SizedQueue(deque):  # type: ignore[type-arg]
+    """
+    A stream's queue of outgoing data that keeps the total length of what it
+    holds (Twisted recomputes it on every write).
+    """
+
+    size = 0
+
+    def append(self, item: Any) -> None:
+        if item is not _END_STREAM_SENTINEL:
+            self.size += len(item)
+        super().append(item)
+
+    def appendleft(self, item: Any) -> None:
+        if item is not _END_STREAM_SENTINEL:
+            self.size += len(item)
+        super().appendleft(item)
+
+    def popleft(self) -> Any:
+        item = super().popleft()
+        if item is not _END_STREAM_SENTINEL:
+            self.size -= len(item)
+        return item
+
+    def clear(self) -> None:
+        self.size = 0
+        super().clear()
 
 
 class _QuietDataFrame(DataFrame):
@@ -153,6 +215,9 @@ class ResticH2Connection(H2Connection):
         reactor = self._reactor
         turn = _Turn(reactor)
         self._reactor = turn
+        transport = self.transport
+        writes = _GatheredWrites(transport)
+        self.transport = writes  # type: ignore[assignment]
         try:
             for _ in range(FRAMES_PER_TURN):
                 turn.again = False
@@ -161,8 +226,25 @@ class ResticH2Connection(H2Connection):
                     break
         finally:
             self._reactor = reactor
+            self.transport = transport
+            writes.flush()
         if turn.again:
             reactor.callLater(0, self._sendPrioritisedData)
+
+    def _requestReceived(self, event: Any) -> None:
+        super()._requestReceived(event)
+        queue = _SizedQueue()
+        for item in self._outboundStreamQueues[event.stream_id]:
+            queue.append(item)
+        self._outboundStreamQueues[event.stream_id] = queue
+
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        # Twisted sums the lengths of everything queued on every write.
+        queue = self._outboundStreamQueues[streamID]
+        window: int = self.conn.local_flow_control_window(streamID)
+        return window - queue.size if isinstance(queue, _SizedQueue) else window - sum(
+            len(chunk) for chunk in queue if chunk is not _END_STREAM_SENTINEL
+        )
 
     def _handleWindowUpdate(self, event: Any) -> None:
         super()._handleWindowUpdate(event)
