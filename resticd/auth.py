@@ -17,8 +17,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.x509.oid import NameOID
-from passlib.context import CryptContext
+import functools
+from typing import TYPE_CHECKING
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from .logs import client_host, logger
@@ -42,10 +43,19 @@ log = logger(__name__)
 #: bcrypt reads at most this many bytes of a password.
 BCRYPT_MAX_PASSWORD = 72
 
-#: The schemes accepted in an htpasswd file; anything else (plaintext) is not.
-HASHES = CryptContext(
-    schemes=["bcrypt", "apr_md5_crypt", "sha256_crypt", "sha512_crypt", "ldap_sha1"]
-)
+if TYPE_CHECKING:
+    from passlib.context import CryptContext
+
+
+@functools.cache
+def hashes() -> CryptContext:
+    """
+    The schemes accepted in an htpasswd file; anything else (plaintext) is
+    not. (passlib is loaded only when there is an htpasswd file.)
+    """
+    from passlib.context import CryptContext
+
+    return CryptContext(schemes=["bcrypt", "apr_md5_crypt", "sha256_crypt", "sha512_crypt", "ldap_sha1"])
 
 
 def parse_basic(header: bytes | None) -> tuple[str, str] | None:
@@ -84,7 +94,7 @@ def parse_htpasswd(text: str) -> tuple[dict[str, str], list[str]]:
         if not colon or not user:
             warnings.append(f"line {number}: not of the form user:hash")
             continue
-        if HASHES.identify(hashed, required=False) is None:
+        if hashes().identify(hashed, required=False) is None:
             warnings.append(f"line {number}: user {user!r}: unsupported or plaintext password, skipped")
             continue
         entries[user] = hashed
@@ -128,12 +138,12 @@ class Htpasswd:
         if hashed is None:
             return False
         secret = password.encode("utf-8")
-        if HASHES.identify(hashed) == "bcrypt":
+        if hashes().identify(hashed) == "bcrypt":
             # bcrypt uses the first 72 bytes, as Apache's htpasswd does when
             # it makes the hash (the bcrypt library refuses longer ones).
             secret = secret[:BCRYPT_MAX_PASSWORD]
         try:
-            return bool(HASHES.verify(secret, hashed))
+            return bool(hashes().verify(secret, hashed))
         except ValueError:
             return False
 
@@ -225,6 +235,8 @@ def peer_common_name(request: IRequest) -> str | None:
     certificate = get_certificate()
     if certificate is None:
         return None
+    from cryptography.x509.oid import NameOID
+
     names = certificate.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         return None

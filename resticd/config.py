@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from .health import MinFree
 
+#: The --tls-min-version values.
+TLS_VERSIONS = ("1.2", "1.3")
+
 
 @dataclass(frozen=True)
 class Config:

@@ -37,11 +37,11 @@ from .spool import Spool
 from .store import Modes, Store
 from .threads import PoolRunner, Runner
 from .systemd import notify
-from .tls import BatchingTLSFactory, ReloadingTLS, TLSConfigError
 from .usage import Usage, tally
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .tls import ReloadingTLS
 
 log = logger(__name__)
 
@@ -301,13 +301,19 @@ class ResticdService(service.MultiService):
         config = self.config
         if config.tls_cert is None or config.tls_key is None:
             return self.site
-        self.tls = ReloadingTLS(
-            config.tls_cert,
-            config.tls_key,
-            config.tls_min_version,
-            config.tls_client_ca,
-            self.metrics.set_certificate_expiry if self.metrics is not None else lambda expiry: None,
-        )
+        # The TLS libraries are loaded only when TLS is served.
+        from .tls import BatchingTLSFactory, ReloadingTLS, TLSConfigError
+
+        try:
+            self.tls = ReloadingTLS(
+                config.tls_cert,
+                config.tls_key,
+                config.tls_min_version,
+                config.tls_client_ca,
+                self.metrics.set_certificate_expiry if self.metrics is not None else lambda expiry: None,
+            )
+        except TLSConfigError as e:
+            raise StartupError(str(e)) from None
         internet.TimerService(TLS_CHECK_INTERVAL, self._reload_tls).setServiceParent(self)
         return BatchingTLSFactory(self.tls, False, self.site)
 
@@ -344,10 +350,7 @@ class ResticdService(service.MultiService):
             self.ctx.access.refresh()
         except (OSError, ValueError) as e:
             raise StartupError(f"cannot load access file {self.config.access_file}: {e}") from None
-        try:
-            factory = self.factory()
-        except TLSConfigError as e:
-            raise StartupError(str(e)) from None
+        factory = self.factory()
         if self.config.access_log is not None:
             try:
                 self.access_log = AccessLog(self.config.access_log, self.reactor)

@@ -13,10 +13,9 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from . import __version__
-from .config import Config
+from .config import TLS_VERSIONS, Config
 from .access import parse_size
 from .health import MinFree
-from .tls import MIN_VERSIONS
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)\Z")
 #: Twisted's own server endpoint types; C{NAME:PORT} with any other name is a
@@ -133,8 +132,8 @@ def config_from(options: usage.Options) -> Config:
     path = os.path.abspath(options["path"])
     if os.path.exists(path) and not os.path.isdir(path):
         raise _fail(f"--path {path}: not a directory")
-    if options["tls-min-version"] not in MIN_VERSIONS:
-        raise _fail(f"--tls-min-version must be one of {', '.join(MIN_VERSIONS)}")
+    if options["tls-min-version"] not in TLS_VERSIONS:
+        raise _fail(f"--tls-min-version must be one of {', '.join(TLS_VERSIONS)}")
     cert, key = options["tls-cert"], options["tls-key"]
     if options["tls"]:
         cert = cert or os.path.join(path, "public_key")

@@ -26,7 +26,7 @@ from .logs import logger
 
 log = logger(__name__)
 
-#: The --tls-min-version values and what they mean.
+#: What the --tls-min-version values (L{resticd.config.TLS_VERSIONS}) mean.
 MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 #: Bytes asked of OpenSSL per read (it returns at most one 16 KiB record).
 RECORD_READ = 1 << 15

@@ -820,6 +820,34 @@ def test_metrics_library_loaded_only_when_metrics_are_served() -> None:
         assert result.stdout.strip() == loaded, (setting, result.stdout, result.stderr)
 
 
+def test_password_hash_library_loaded_only_with_an_htpasswd_file(tmp_path: Path) -> None:
+    """
+    A daemon without an htpasswd file does not import passlib (it starts
+    faster); one with a file does, once the file is read.
+    """
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("alice:$2y$05$9ZbxEO5jBHGHhN9yVbEVHeRDHEPx2K2OtW1cu9X2P4kCMONHdgJqi\n")
+    code = (
+        "import sys\n"
+        "from twisted.internet.testing import MemoryReactor\n"
+        "from resticd.config import Config\n"
+        "from resticd.service import ResticdService\n"
+        "service = ResticdService(Config(path=sys.argv[1], htpasswd_file=sys.argv[2] or None), MemoryReactor())\n"
+        "if service.authenticator is not None:\n"
+        "    service.authenticator.htpasswd.refresh()\n"
+        "print('passlib' in sys.modules)\n"
+    )
+    for setting, loaded in (("", "False"), (str(htpasswd), "True")):
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "data"), setting],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stdout.strip() == loaded, (setting, result.stdout, result.stderr)
+
+
 def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
     """
     At startup the daemon raises its soft limit on open files to the hard

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from resticd.auth import HASHES, Htpasswd
+from resticd.auth import Htpasswd, hashes
 from resticd.users import main
 
 # htpasswd -nbm bob 'b0b:pass'
@@ -60,7 +60,7 @@ def test_add_creates_private_file_with_bcrypt(tmp_path, monkeypatch):
     assert mode(path) == 0o600
     lines = path.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("alice:$2")
-    assert HASHES.identify(lines[0].split(":", 1)[1]) == "bcrypt"
+    assert hashes().identify(lines[0].split(":", 1)[1]) == "bcrypt"
     htpasswd = users(path)
     assert htpasswd.verify("alice", "s3cret pass:word")
     assert not htpasswd.verify("alice", "s3cret pass:word ")
