@@ -619,6 +619,19 @@ def stored_data_bytes(data: Path, repo: str) -> int:
     return total
 
 
+def spooled_bytes(spool: Path) -> int:
+    """
+    The bytes of the uploads in flight (their spool files so far).
+    """
+    total = 0
+    for name in os.listdir(spool):
+        try:
+            total += os.path.getsize(spool / name)
+        except FileNotFoundError:
+            pass
+    return total
+
+
 @dataclass
 class ResticRound:
     """
@@ -641,7 +654,8 @@ def restic_crash_round(
 ) -> ResticRound:
     """
     Back up C{source} with restic over plain HTTP; when about
-    C{kill_fraction} of it has arrived as packs, SIGKILL the daemon; restart
+    C{kill_fraction} of it has arrived (stored packs and uploads in flight,
+    at least one pack stored), SIGKILL the daemon; restart
     it on the same port and data directory (restic retries meanwhile) and let
     that first backup end (or kill it, by pid, if it does not end in time).
     Then verify the data directory (as after a kill cycle), and: unlock,
@@ -668,8 +682,12 @@ def restic_crash_round(
             deadline = time.monotonic() + COMMAND_TIMEOUT
             stored = 0
             while backup.poll() is None and time.monotonic() < deadline:
+                # Progress is what has arrived, stored or still in the spool:
+                # packs are published only after their fsync, which on a slow
+                # disk comes in bursts (from a third stored to all of it
+                # between two polls).
                 stored = stored_data_bytes(data, repo)
-                if stored >= kill_fraction * total:
+                if stored and stored + spooled_bytes(first.spool) >= kill_fraction * total:
                     break
                 time.sleep(0.01)
             running_at_kill = backup.poll() is None
