@@ -796,28 +796,33 @@ def test_make_service(data):
     assert not (data / "repos").exists()
 
 
-def test_metrics_library_loaded_only_when_metrics_are_served() -> None:
+def module_loaded_by_daemon(module: str, config: str, after: str = "") -> bool:
     """
-    A daemon without --prometheus does not import prometheus_client (it
-    starts faster); one with it does.
+    Whether a fresh interpreter has imported C{module} once it has built a
+    daemon from C{Config(path=..., <config>)} and run C{after} (with the
+    service as C{service}).
     """
     code = (
         "import sys\n"
         "from twisted.internet.testing import MemoryReactor\n"
         "from resticd.config import Config\n"
         "from resticd.service import ResticdService\n"
-        "ResticdService(Config(path=sys.argv[1], prometheus=sys.argv[2] == 'on'), MemoryReactor())\n"
-        "print('prometheus_client' in sys.modules)\n"
+        f"service = ResticdService(Config(path='/tmp/resticd-unused', {config}), MemoryReactor())\n"
+        f"{after}\n"
+        f"print({module!r} in sys.modules)\n"
     )
-    for setting, loaded in (("off", "False"), ("on", "True")):
-        result = subprocess.run(
-            [sys.executable, "-c", code, "/tmp/resticd-unused", setting],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert result.stdout.strip() == loaded, (setting, result.stdout, result.stderr)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() in ("True", "False"), (result.stdout, result.stderr)
+    return result.stdout.strip() == "True"
+
+
+def test_metrics_library_loaded_only_when_metrics_are_served() -> None:
+    """
+    A daemon without --prometheus does not import prometheus_client (it
+    starts faster); one with it does.
+    """
+    assert not module_loaded_by_daemon("prometheus_client", "prometheus=False")
+    assert module_loaded_by_daemon("prometheus_client", "prometheus=True")
 
 
 def test_password_hash_library_loaded_only_with_an_htpasswd_file(tmp_path: Path) -> None:
@@ -827,25 +832,9 @@ def test_password_hash_library_loaded_only_with_an_htpasswd_file(tmp_path: Path)
     """
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("alice:$2y$05$9ZbxEO5jBHGHhN9yVbEVHeRDHEPx2K2OtW1cu9X2P4kCMONHdgJqi\n")
-    code = (
-        "import sys\n"
-        "from twisted.internet.testing import MemoryReactor\n"
-        "from resticd.config import Config\n"
-        "from resticd.service import ResticdService\n"
-        "service = ResticdService(Config(path=sys.argv[1], htpasswd_file=sys.argv[2] or None), MemoryReactor())\n"
-        "if service.authenticator is not None:\n"
-        "    service.authenticator.htpasswd.refresh()\n"
-        "print('passlib' in sys.modules)\n"
-    )
-    for setting, loaded in (("", "False"), (str(htpasswd), "True")):
-        result = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / "data"), setting],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert result.stdout.strip() == loaded, (setting, result.stdout, result.stderr)
+    assert not module_loaded_by_daemon("passlib", "htpasswd_file=None")
+    read_file = "service.authenticator.htpasswd.refresh()"
+    assert module_loaded_by_daemon("passlib", f"htpasswd_file={str(htpasswd)!r}", read_file)
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
