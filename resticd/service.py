@@ -219,6 +219,24 @@ class InFlight:
         return d
 
 
+#: Connections the kernel queues for a listener before resticd accepts them
+#: (it caps this at net.core.somaxconn); Twisted's default is 50.
+LISTEN_BACKLOG = 4096
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    C{description} with C{backlog=}L{LISTEN_BACKLOG} added to a C{tcp},
+    C{tcp6} or C{unix} endpoint that does not set its own: a crowd of
+    clients connecting at once (backups started by the same timer) is
+    queued rather than refused or made to retry.
+    """
+    kind = description.partition(":")[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
 class ResticdService(service.MultiService):
     """
     The whole daemon: prepares the data directory, listens, owns the worker
@@ -389,7 +407,7 @@ class ResticdService(service.MultiService):
     ) -> IListeningPort:
         outcome: list[IListeningPort | Failure] = []
         try:
-            endpoint = serverFromString(self.reactor, description)
+            endpoint = serverFromString(self.reactor, with_default_backlog(description))
             endpoint.listen(factory).addBoth(outcome.append)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             # IndexError: a systemd: endpoint with no such socket passed in.

@@ -649,6 +649,22 @@ def test_prepare_listens_on_every_endpoint(tmp_path):
     assert [(a, f) for a, f, *_ in reactor.unixServers] == [(f"{tmp_path}/s.sock", service.site)]
 
 
+def test_listeners_queue_a_crowd_of_connections(tmp_path):
+    """
+    TCP and unix listeners ask the kernel to queue up to 4096 connections
+    not yet accepted (Twisted's default is 50, too few for many clients
+    starting at once); an endpoint that sets its own backlog keeps it.
+    """
+    reactor = MemoryReactor()
+    config = Config(
+        path=str(tmp_path),
+        listen=("tcp:8001", "tcp6:8002:backlog=10", f"unix:{tmp_path}/s.sock"),
+    )
+    ResticdService(config, reactor).prepare()
+    assert [(port, backlog) for port, _, backlog, _ in reactor.tcpServers] == [(8001, 4096), (8002, 10)]
+    assert [backlog for _, _, backlog, *_ in reactor.unixServers] == [4096]
+
+
 def test_prepare_loads_users(tmp_path):
     """
     The htpasswd file is read at startup.
