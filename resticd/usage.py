@@ -278,18 +278,30 @@ class Quota:
         self.stored = stored
         self._held: dict[Scope, int] = {}
 
+    def _limited(self, repo: Repo) -> list[tuple[Scope, int]]:
+        """
+        The scopes of C{repo} that have a limit, with their limits.
+        """
+        limits = self.limits()
+        found = []
+        for scope in scopes_of(repo):
+            limit = limits.of(scope)
+            if limit is not None:
+                found.append((scope, limit))
+        return found
+
     def check(self, target: Target, size: int) -> InsufficientStorage | None:
         """
         Why C{size} more bytes for C{target} would not fit, or L{None} if they
-        would (nothing is reserved).
+        would (nothing is reserved). Without limits, nothing is looked up.
         """
-        if self.stored(target):
+        limited = self._limited(target.repo)
+        if not limited or self.stored(target):
             return None
-        limits = self.limits()
-        for scope in scopes_of(target.repo):
-            limit = limits.of(scope)
-            if limit is None:
-                continue
+        return self._refusal(limited, size)
+
+    def _refusal(self, limited: list[tuple[Scope, int]], size: int) -> InsufficientStorage | None:
+        for scope, limit in limited:
             if self.usage.scope_bytes(scope) + self._held.get(scope, 0) + size > limit:
                 if scope == ALL:
                     where = "the server"
@@ -303,14 +315,16 @@ class Quota:
     def reserve(self, target: Target, size: int) -> Reservation:
         """
         Hold C{size} bytes for an upload to C{target} until the reservation is
-        released (nothing, when the object is stored already).
+        released (nothing, when the object is stored already or no limit
+        applies).
 
         @raise InsufficientStorage: when a limit would be exceeded.
         """
         reservation = Reservation(self, target.repo)
-        if self.stored(target):
+        limited = self._limited(target.repo)
+        if not limited or self.stored(target):
             return reservation
-        refusal = self.check(target, size)
+        refusal = self._refusal(limited, size)
         if refusal is not None:
             raise refusal
         for scope in reservation.scopes:

@@ -625,3 +625,33 @@ async def test_owner_pattern_in_repo_quotas(tmp_path):
     assert await upload(server, "/alice/a/", blob(900, "a1")) == 200
     assert await upload(server, "/alice/a/", blob(200, "a2")) == 507
     assert await upload(server, "/alice/b/", blob(900, "b1")) == 200
+
+
+def test_uploads_without_limits_never_look_at_the_disk() -> None:
+    """
+    Where no limit applies, checking and reserving an upload asks nothing
+    of the filesystem (not even whether the object is already stored):
+    every upload on a server without quotas would otherwise pay for it on
+    the event loop. Where a limit applies, a stored object is looked up
+    once per check.
+    """
+    from resticd.paths import Target
+    from resticd.usage import Limits, Quota
+
+    asked: list[Target] = []
+
+    def stored(target: Target) -> bool:
+        asked.append(target)
+        return False
+
+    limits = Limits()
+    quota = Quota(Usage(), lambda: limits, stored)
+    target = Target(("r",), "data", "0" * 64)
+    assert quota.check(target, 100) is None
+    quota.reserve(target, 100).release()
+    assert asked == []
+
+    limits = Limits(total=1000)
+    assert quota.check(target, 100) is None
+    quota.reserve(target, 100).release()
+    assert asked == [target, target]
