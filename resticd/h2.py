@@ -240,11 +240,9 @@ class ResticH2Connection(H2Connection):
 
     def remainingOutboundWindow(self, streamID: int) -> int:
         # Twisted sums the lengths of everything queued on every write.
-        queue = self._outboundStreamQueues[streamID]
         window: int = self.conn.local_flow_control_window(streamID)
-        return window - queue.size if isinstance(queue, _SizedQueue) else window - sum(
-            len(chunk) for chunk in queue if chunk is not _END_STREAM_SENTINEL
-        )
+        queued: int = self._outboundStreamQueues[streamID].size
+        return window - queued
 
     def _handleWindowUpdate(self, event: Any) -> None:
         super()._handleWindowUpdate(event)

@@ -265,9 +265,7 @@ class SpoolingRequest(server.Request):
         stream (which then stops opening its flow-control window), or the
         HTTP/1.1 connection's transport.
         """
-        # A request that was answered no longer has a channel (twisted.web
-        # deletes the attribute); its connection may serve another by now.
-        channel = getattr(self, "channel", None)
+        channel = self.channel
         if hasattr(channel, "_conn"):
             return channel
         return getattr(channel, "_networkProducer", None)
@@ -285,6 +283,8 @@ class SpoolingRequest(server.Request):
             return
         self._paused = False
         if self.finished or self._disconnected:
+            # Answered meanwhile (twisted.web has let go of its channel,
+            # which may serve another request by now) or gone.
             return
         producer = self._body_producer()
         if producer is not None:

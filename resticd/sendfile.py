@@ -1,9 +1,10 @@
 """
-Whole objects sent with C{sendfile(2)} over plain TCP and unix sockets.
+Objects sent with C{sendfile(2)} over plain TCP and unix sockets.
 
 The kernel copies from the page cache to the socket; nothing passes through
-Python. Used for full downloads over HTTP/1.1 without TLS; ranges, TLS and
-HTTP/2 keep L{twisted.web.static}'s producers.
+Python. Used for answers larger than a MiB (whole objects and ranges) over
+HTTP/1.x without TLS; TLS and HTTP/2 keep L{twisted.web.static}'s producers,
+and smaller answers are read at once (see L{resticd.resources.StoredFile}).
 
 The producer writes straight to the socket, so it only does so when the
 transport's own buffer is empty (the response headers are sent first), and
@@ -118,7 +119,7 @@ class SendfileProducer:
                 return
             if n == 0:
                 # The file is shorter than when it was opened.
-                log.warn("stored object shrank while being sent: {path}", path=getattr(self.file, "name", "?"))
+                log.warn("stored object shrank while being sent: {uri}", uri=self.request.uri)
                 self._fail()
                 return
             self.offset += n
