@@ -856,6 +856,54 @@ def fsync_rate(directory: Path, files: int, threads: int) -> float:
     return files / elapsed
 
 
+def durable_upload_rate(directory: Path, objects: BigObjects, count: int, threads: int) -> float:
+    """
+    MiB/s of what a server that verifies and fsyncs uploads does per object,
+    with no HTTP and no client: sha256 + create + write + fsync + rename +
+    fsync(dir) of C{count} OBJECT_SIZE objects, C{threads} at a time (hashlib
+    and write release the GIL, so this uses every core).
+    """
+    spool = directory / "spool"
+    spool.mkdir(parents=True)
+    failures: list[BaseException] = []
+
+    def worker(indexes: Sequence[int]) -> None:
+        try:
+            for i in indexes:
+                head, tail = objects.parts(i)
+                digest = hashlib.sha256(head)
+                digest.update(tail)
+                name = digest.hexdigest()
+                tmp = spool / name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, head)
+                    os.write(fd, tail)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, directory / name)
+                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except BaseException as e:
+            failures.append(e)
+
+    workers = [threading.Thread(target=worker, args=(range(k, count, threads),), daemon=True) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in workers:
+        t.start()
+    for t in workers:
+        while t.is_alive():
+            t.join(0.5)
+    elapsed = time.perf_counter() - t0
+    if failures:
+        raise failures[0]
+    return count * OBJECT_SIZE / MiB / elapsed
+
+
 # --------------------------------------------------------------------------
 # The restic tree and the restic client.
 
@@ -1202,7 +1250,8 @@ def speed(metric: Metric, resticd: float, peer: float) -> float:
     return peer / resticd
 
 
-def build_rows(samples: list[Sample], protos: Sequence[str], fsync: dict[str, list[float]]) -> list[dict[str, Any]]:
+def build_rows(samples: list[Sample], protos: Sequence[str], fsync: dict[str, list[float]],
+               durable: list[float]) -> list[dict[str, Any]]:
     rows = []
     for proto in protos:
         for metric in METRICS:
@@ -1234,12 +1283,12 @@ def build_rows(samples: list[Sample], protos: Sequence[str], fsync: dict[str, li
             pairs = [speed(metric, per_round["resticd"][r], per_round["rclone"][r])
                      for r in per_round["resticd"] if r in per_round["rclone"] and per_round["rclone"][r] and per_round["resticd"][r]]
             row["speed_ratio_rounds"] = [round(p, 3) for p in pairs]
-            row["target"] = target(metric.key, proto, row, fsync)
+            row["target"] = target(metric.key, proto, row, fsync, durable)
             rows.append(row)
     return rows
 
 
-def target(key: str, proto: str, row: dict[str, Any], fsync: dict[str, list[float]]) -> str:
+def target(key: str, proto: str, row: dict[str, Any], fsync: dict[str, list[float]], durable: list[float]) -> str:
     """Issue 6's target for this row, and whether the medians meet it."""
     ratio = row.get("speed_ratio")
     r, p = row["resticd"], row["rclone"]
@@ -1255,7 +1304,11 @@ def target(key: str, proto: str, row: dict[str, Any], fsync: dict[str, list[floa
         cpu_ok = None
         if r["cpu_per_unit"] is not None and p["cpu_per_unit"] is not None:
             cpu_ok = r["cpu_per_unit"] <= p["cpu_per_unit"] + 0.85
-        return f">=0.6x{mark(ratio >= 0.6)}; cpu<=peer+0.85{mark(cpu_ok)}"
+        bound = ""
+        if durable and r["median"] is not None:
+            row["vs_durable_baseline"] = rel = r["median"] / statistics.median(durable)
+            bound = f" ({rel:.2f}x durable baseline)"
+        return f">=0.6x{mark(ratio >= 0.6)}; cpu<=peer+0.85{mark(cpu_ok)}{bound}"
     if key == "download":
         if proto == "http":
             cpu_ok = None
@@ -1499,6 +1552,7 @@ def main(argv: Sequence[str]) -> int:
 
         ctx = Context(args, sizes, only, root, Path(cert_file), Path(key_file), objects, small, tree, tree_files, tree_bytes, [], [])
         fsync: dict[str, list[float]] = {"1": [], str(CLIENTS): []}
+        durable: list[float] = []
         for rnd in range(1, args.rounds + 1):
             if only & {"fsync", "small"}:
                 for threads in (1, CLIENTS):
@@ -1510,13 +1564,22 @@ def main(argv: Sequence[str]) -> int:
                     shutil.rmtree(d, ignore_errors=True)
                     fsync[str(threads)].append(rate)
                     say(f"round {rnd} fsync baseline, {threads} thread(s): {rate:.0f} files/s")
+            if "upload" in only and objects is not None:
+                d = root / f"durable-{rnd}"
+                waited = wait_idle(args.wait_idle)
+                if waited > 1.5:
+                    say(f"round {rnd} durable upload baseline: waited {waited:.0f} s for the machine to be idle")
+                rate = durable_upload_rate(d, objects, sizes.upload_objects, CLIENTS)
+                shutil.rmtree(d, ignore_errors=True)
+                durable.append(rate)
+                say(f"round {rnd} durable upload baseline, {CLIENTS} threads: {rate:.0f} MiB/s")
             if only - {"fsync"}:
                 order = SERVERS if rnd % 2 else SERVERS[::-1]
                 for proto in protos:
                     for kind in order:
                         server_round(ctx, kind, proto, rnd)
 
-        rows = build_rows(ctx.samples, protos, fsync)
+        rows = build_rows(ctx.samples, protos, fsync, durable)
         total = time.perf_counter() - t_start
         print()
         print(f"Results ({args.rounds} round(s), {total / 60:.1f} min in all)")
@@ -1526,6 +1589,11 @@ def main(argv: Sequence[str]) -> int:
             for nthreads, rates in fsync.items():
                 if rates:
                     print(f"  {nthreads} thread(s): median {statistics.median(rates):.0f} files/s  (rounds: {', '.join(f'{r:.0f}' for r in rates)})")
+        if durable:
+            print()
+            print(f"durable upload baseline (no server, no client; sha256 + create + write + fsync + rename + fsync(dir) "
+                  f"of {sizes.upload_objects} x 8 MiB, {CLIENTS} threads): median {statistics.median(durable):.0f} MiB/s  "
+                  f"(rounds: {', '.join(f'{r:.0f}' for r in durable)})")
         if rows:
             print_table(rows, protos)
         shares = [(sm.extra["other_share"], sm) for sm in ctx.samples if "other_share" in sm.extra]
@@ -1553,6 +1621,7 @@ def main(argv: Sequence[str]) -> int:
                 "sizes": dataclasses.asdict(sizes),
                 "duration_s": round(total, 1),
                 "fsync_files_per_s": fsync,
+                "durable_upload_mib_per_s": durable,
                 "rows": rows,
                 "samples": [vars(s) for s in ctx.samples],
                 "problems": ctx.problems,

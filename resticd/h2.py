@@ -355,12 +355,21 @@ class ResticHTTPChannel(HTTPChannel):
     Twisted's HTTP/1.1 channel, answering an over-long request or header
     line with 431 before closing (Twisted closes without an answer), never
     answering again on a connection that was answered early and is closing
-    (L{answered}), and writing each response's headers as one string.
+    (L{answered}), writing each response's headers as one string, and
+    looking up its local address once.
     """
 
     #: An answer was written before the request was complete, and the
     #: connection is closing: whatever else arrives is not answered.
     answered = False
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Asked for by every request; a TCP transport asks the kernel each
+        # time (getsockname), though a connection's local address never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         # Twisted hands the transport some 30 small strings, each checked

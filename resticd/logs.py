@@ -22,19 +22,33 @@ if TYPE_CHECKING:
 
 _levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _observer = FilteringLogObserver(globalLogPublisher, [_levels])
+_debug = [False]
+
+
+class _Logger(Logger):
+    """
+    A L{Logger} whose debug events are dropped at the call unless debugging
+    is on (a filtered event costs as much as a logged one to build and
+    route, and some are emitted for every request).
+    """
+
+    def debug(self, format: str | None = None, **kwargs: object) -> None:
+        if _debug[0]:
+            super().debug(format, **kwargs)
 
 
 def logger(namespace: str) -> Logger:
     """
     A logger for one module.
     """
-    return Logger(namespace=namespace, observer=_observer)
+    return _Logger(namespace=namespace, observer=_observer)
 
 
 def set_debug(on: bool) -> None:
     """
     Let resticd's debug events through (C{--debug}), or not.
     """
+    _debug[0] = on
     _levels.setLogLevelForNamespace("resticd", LogLevel.debug if on else LogLevel.info)
 
 

@@ -18,7 +18,8 @@ from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web import http, server, static
+from twisted.web import server, static
+from twisted.web.http import CACHED, OK, PARTIAL_CONTENT
 from twisted.web.resource import IResource
 
 from .access import Access, Policy, Right
@@ -116,7 +117,7 @@ def finish_ok(request: server.Request, body: bytes = b"") -> None:
     """
     if is_gone(request):
         return
-    request.setResponseCode(http.OK)
+    request.setResponseCode(OK)
     request.setHeader(b"content-length", b"%d" % len(body))
     if body and request.method != b"HEAD":
         request.write(body)
@@ -367,10 +368,11 @@ class StoredFile(TargetResource):
         request.setHeader(b"accept-ranges", b"bytes")
         return b""
 
-    def _open(self) -> tuple[IO[bytes], os.stat_result]:
+    def _open(self) -> tuple[int, os.stat_result]:
         """
-        The stored file, open for reading, and its status; L{NotFound} when
-        it is missing, not a regular file, or outside the data root.
+        A descriptor of the stored file, open for reading, and its status;
+        L{NotFound} when it is missing, not a regular file, or outside the
+        data root.
         """
         try:
             fd = self.ctx.store.open_contained(self.path)
@@ -378,12 +380,11 @@ class StoredFile(TargetResource):
             raise NotFound("not found") from None
         except OSError:
             raise ResticdError("cannot read the stored object") from None
-        file = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            file.close()
+            os.close(fd)
             raise NotFound("not found")
-        return file, st
+        return fd, st
 
     def render_GET(self, request: server.Request) -> bytes | int:
         """
@@ -393,7 +394,7 @@ class StoredFile(TargetResource):
         """
         try:
             self.authorize(request)
-            file, st = self._open()
+            fd, st = self._open()
         except ResticdError as e:
             return error_body(request, e)
         size = st.st_size
@@ -402,29 +403,32 @@ class StoredFile(TargetResource):
         # whole files with "Range: bytes=0-".
         wanted = parse_range(request.getHeader(b"range"), size) if size else None
         if isinstance(wanted, str):
-            file.close()
+            os.close(fd)
             request.setHeader(b"content-range", b"bytes */%d" % size)
             return error_body(request, RangeNotSatisfiable("range not satisfiable"))
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"content-type", OCTET_STREAM)
-        if request.setLastModified(st.st_mtime) is http.CACHED:
-            file.close()
+        if request.setLastModified(st.st_mtime) is CACHED:
+            os.close(fd)
             return b""
         start, length = 0, size
         if wanted is not None:
             start, end = wanted
             length = end - start + 1
-            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setResponseCode(PARTIAL_CONTENT)
             request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end, size))
         request.setHeader(b"content-length", b"%d" % length)
         if length <= READ_SIZE:
-            with file:
-                data = os.pread(file.fileno(), length, start)
+            try:
+                data = os.pread(fd, length, start)
+            finally:
+                os.close(fd)
             if len(data) == length:
                 return data
             # The file is shorter than it was a moment ago.
             abort(request)
             return server.NOT_DONE_YET
+        file = os.fdopen(fd, "rb")
         transport = sendfile_transport(request)
         if transport is not None:
             SendfileProducer(request, transport, file, start, length).start()

@@ -262,20 +262,29 @@ class Store:
         exist. The spool file (flushed: no writes queued) is gone afterwards,
         whatever happens.
         """
+        directory_fd = None
         try:
             layout = self.layout
-            if not os.path.isdir(self.contained(layout.repo_dir(repo))):
-                raise NotFound("no such repository")
             if kind == "config":
                 final = layout.config_path(repo)
             else:
                 final = layout.object_path(repo, kind, name)
-            directory = self.contained(os.path.dirname(final))
+            directory, base = os.path.split(final)
+            try:
+                # Where the directory is there already (nearly always): one
+                # open that also proves it lies inside the data root.
+                directory_fd = self.open_contained(directory, os.O_PATH | os.O_DIRECTORY)
+            except NotFound:
+                if not os.path.isdir(self.contained(layout.repo_dir(repo))):
+                    raise NotFound("no such repository") from None
+                self.contained(directory)
             spool.sync()
-            self._ensure_dir(directory)
+            if directory_fd is None:
+                self._ensure_dir(directory)
+                directory_fd = self.open_contained(directory, os.O_PATH | os.O_DIRECTORY)
             while True:
                 try:
-                    os.link(spool.path, final)
+                    os.link(spool.path, base, dst_dir_fd=directory_fd)
                     break
                 except FileExistsError:
                     same = self._same_content(final, spool)
@@ -287,6 +296,8 @@ class Store:
             self.directory_syncs.sync(directory)
             return True
         finally:
+            if directory_fd is not None:
+                os.close(directory_fd)
             spool.remove()
 
     def _same_content(self, path: str, spool: SpoolFile) -> bool | None:

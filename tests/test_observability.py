@@ -1060,3 +1060,23 @@ async def test_shipped_queries_use_exported_metrics(tmp_path):
     assert len(referenced) >= 15
     missing = {name: sources for name, sources in referenced.items() if name not in exported}
     assert not missing, f"not exported: {missing}\nexported: {sorted(exported)}"
+
+
+def test_debug_events_pass_only_while_debugging() -> None:
+    """
+    resticd's debug events (one per upload, delete and repository change)
+    reach the log only while debugging is on (C{--debug}); before and after,
+    they are dropped.
+    """
+    from resticd.logs import logger, set_debug
+
+    log = logger("resticd.resources")
+    with captured_logs() as events:
+        log.debug("hidden {n}", n=1)
+        set_debug(True)
+        try:
+            log.debug("shown {n}", n=2)
+        finally:
+            set_debug(False)
+        log.debug("hidden {n}", n=3)
+    assert [formatEvent(e) for e in events] == ["shown 2"]

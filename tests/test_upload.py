@@ -21,7 +21,8 @@ from twisted.web.http import HTTPChannel
 
 from resticd.errors import Forbidden
 from resticd.request import SpoolingRequest
-from resticd.spool import PIECE, Spool, SpoolFile, WriteBudget
+from resticd.paths import Layout
+from resticd.spool import PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget
 from resticd.store import Store
 from resticd.threads import run_inline
 
@@ -221,7 +222,6 @@ def test_spool_modes(tmp_path) -> None:
 
 @pytest.fixture
 def store(tmp_path) -> Store:
-    from resticd.paths import Layout
 
     store = Store(Layout(str(tmp_path / "d")))
     store.prepare_root()
@@ -285,7 +285,6 @@ def test_group_accessible_modes(tmp_path) -> None:
     With group-accessible repositories, directories are 0770 and objects
     0660; otherwise 0700 and 0600.
     """
-    from resticd.paths import Layout
     from resticd.store import Modes
 
     for group, dmode, fmode in ((False, 0o700, 0o600), (True, 0o770, 0o660)):
@@ -346,6 +345,36 @@ def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
         assert f.read() == body
     assert spool.hexdigest() == name_of(body)
     assert spool.size == len(body)
+
+
+def test_small_body_takes_one_trip_to_the_workers(tmp_path) -> None:
+    """
+    A small body (up to SMALL_BODY) is hashed when it is flushed, without
+    a trip to the worker threads, and written by the same worker call that
+    fsyncs and publishes it; the stored object is complete and named by
+    its digest. A body one byte over goes to the workers as before.
+    """
+    store = Store(Layout(str(tmp_path / "store")))
+    store.prepare_root()
+    store.create_repo(("r",))
+    runner = HeldWrites()
+    body = os.urandom(SMALL_BODY)
+    spool = SpoolFile(store.layout.spool_dir(), 0o600, runner, WriteBudget())
+    for i in range(0, len(body), 16384):
+        spool.write(body[i : i + 16384])
+    flushed = spool.flush()
+    assert flushed.called and runner.queued == []
+    assert spool.hexdigest() == name_of(body)
+    assert os.path.getsize(spool.path) == 0
+    assert store.publish(spool, ("r",), "data", name_of(body)) is True
+    with open(store.layout.object_path(("r",), "data", name_of(body)), "rb") as f:
+        assert f.read() == body
+    assert os.listdir(store.layout.spool_dir()) == []
+
+    bigger = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
+    bigger.write(os.urandom(SMALL_BODY + 1))
+    assert not bigger.flush().called
+    assert len(runner.queued) == 1
 
 
 def test_discard_waits_for_queued_writes(tmp_path) -> None:
