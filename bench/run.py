@@ -1403,6 +1403,25 @@ def command_version(argv: Sequence[str]) -> str:
         return f"unavailable ({e})"
 
 
+def free_page_reporting() -> str:
+    """
+    Whether this (virtual) machine hands free memory back to its host. When
+    it does, memory that has stayed free for a few seconds must be supplied
+    afresh by the host when it is next used, which is slow: how much of a
+    workload pays for it depends on how it allocates memory (see
+    bench/README.md), and no warming-up survives the idle waits.
+    """
+    order = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+    balloons = Path("/sys/bus/virtio/drivers/virtio_balloon")
+    if not balloons.exists():
+        return "no virtio balloon"
+    try:
+        reporting_order = int(order.read_text())
+    except (OSError, ValueError):
+        return "unknown (virtio balloon present)"
+    return f"likely (virtio balloon; free blocks of {4 << reporting_order} KiB and more are reported)"
+
+
 def environment(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import resticd
     import twisted
@@ -1446,6 +1465,7 @@ def environment(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "rclone": command_version([args.rclone, "version"]),
         "restic": command_version([args.restic, "version"]),
         "data_filesystem": fs,
+        "free_page_reporting": free_page_reporting(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "tmp": str(root),
     }
@@ -1490,7 +1510,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="before each server run, wait up to this long for the machine to be idle (<10%% busy for 1 s); 0: don't (default 60)")
     parser.add_argument("--warm-memory", type=float, default=4.0, metavar="GIB",
                         help="before measuring, write and delete this many GiB in the data filesystem, so that no server "
-                        "pays for the first touch of memory pages (slow on virtual machines); 0: don't (default 4)")
+                        "pays for the first touch of memory pages (slow on virtual machines; it does not last where the VM reports free memory to its host); 0: don't (default 4)")
     parser.add_argument("--rclone", default="rclone", help="the rclone binary (default: rclone)")
     parser.add_argument("--restic", default="restic", help="the restic binary (default: restic)")
     args = parser.parse_args(argv)
