@@ -177,11 +177,18 @@ class TargetResource(ApiResource):
     def repo(self) -> tuple[str, ...]:
         return self.target.repo
 
-    def getChild(self, path: bytes, request: server.Request) -> IResource:
-        child = step(self.target, path)
-        if child == self.target:
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> IResource:
+        # The rest of the path is walked here at once, so that a request
+        # makes one resource (the one that serves it), not one per segment.
+        target = step(self.target, path)
+        postpath: list[bytes] = request.postpath  # type: ignore[assignment]
+        while postpath and target is not None:
+            segment = postpath.pop(0)
+            request.prepath.append(segment)  # type: ignore[union-attr]
+            target = step(target, segment)
+        if target == self.target:
             return self
-        return resource_for(self.ctx, child, self.user)
+        return resource_for(self.ctx, target, self.user)
 
     def authorize(self, request: server.Request) -> None:
         outcome = getattr(request, "outcome", None)
