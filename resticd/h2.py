@@ -355,8 +355,9 @@ class ResticHTTPChannel(HTTPChannel):
     Twisted's HTTP/1.1 channel, answering an over-long request or header
     line with 431 before closing (Twisted closes without an answer), never
     answering again on a connection that was answered early and is closing
-    (L{answered}), writing each response's headers as one string, and
-    looking up its local address once.
+    (L{answered}), writing each response's headers as one string (joined
+    with the body when the body comes at once), and looking up its local
+    address once.
     """
 
     #: An answer was written before the request was complete, and the
@@ -371,6 +372,11 @@ class ResticHTTPChannel(HTTPChannel):
             self._host = super().getHost()
         return self._host
 
+    #: While true, response headers are kept for the first body bytes
+    #: instead of being written (see L{write_with_headers}).
+    _holding = False
+    _held: bytes | None = None
+
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         # Twisted hands the transport some 30 small strings, each checked
         # and queued on its own; one string is a fraction of the work.
@@ -380,7 +386,36 @@ class ResticHTTPChannel(HTTPChannel):
                 parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
         transport: Any = self.transport
-        transport.write(b"".join(parts))
+        if self._holding:
+            self._held = b"".join(parts)
+        else:
+            transport.write(b"".join(parts))
+
+    def write(self, data: bytes) -> None:
+        held, self._held = self._held, None
+        transport: Any = self.transport
+        transport.write(data if held is None else held + data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        held, self._held = self._held, None
+        transport: Any = self.transport
+        transport.writeSequence(iovec if held is None else [held, *iovec])
+
+    def write_with_headers(self, write: Any, data: bytes) -> None:
+        """
+        Call C{write(data)}, the first write of a response, so that its
+        headers and C{data} reach the transport as one write (over TLS, one
+        record for a small answer rather than two).
+        """
+        self._holding = True
+        try:
+            write(data)
+        finally:
+            self._holding = False
+            held, self._held = self._held, None
+            if held is not None:  # no body went out after all
+                transport: Any = self.transport
+                transport.write(held)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self.answered:

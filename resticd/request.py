@@ -14,6 +14,7 @@ from twisted.web import server
 from twisted.web.http import RESPONSES
 
 from .errors import PayloadTooLarge, ResticdError
+from .h2 import ResticHTTPChannel
 from .logs import client_host, logger
 from .paths import Target, parse_path
 from .spool import Spool, SpoolFile
@@ -298,6 +299,13 @@ class SpoolingRequest(server.Request):
         """
         spool_file, self.spool_file = self.spool_file, None
         return spool_file
+
+    def write(self, data: bytes) -> None:
+        channel = self.channel
+        if not self.startedWriting and data and isinstance(channel, ResticHTTPChannel):
+            channel.write_with_headers(super().write, data)
+        else:
+            super().write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._clear_deadline()

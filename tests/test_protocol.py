@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from .web import V2, Server, make_server, name_of
 
@@ -425,3 +430,47 @@ async def test_symlinked_object_is_not_served(repo: Server, tmp_path) -> None:
     os.symlink(secret, stored(repo, "r", "keys", name))
     assert (await repo.client.get(f"/r/keys/{name}")).code == 404
     assert (await repo.client.head(f"/r/keys/{name}")).code == 404
+
+
+class _CountingTransport(StringTransport):
+    """
+    A transport that keeps each write apart.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.write(b"".join(seq))
+
+
+@ensure
+async def test_an_answer_reaches_the_connection_in_one_write(server: Server) -> None:
+    """
+    The status line, headers and body of a small answer go to the connection
+    as one write (over TLS: one record, not one for the headers and one for
+    the body); answers without a body (HEAD) still send their headers, once.
+    """
+    body = bytes(range(256)) * 4
+    name = name_of(body)
+    assert (await server.client.post("/r/?create=true")).code == 200
+    assert (await server.client.post(f"/r/data/{name}", body)).code == 200
+    requests = [
+        (f"GET /r/data/{name} HTTP/1.1\r\nRange: bytes=10-99\r\n", b"HTTP/1.1 206 ", body[10:100]),
+        (f"GET /r/data/{name} HTTP/1.1\r\n", b"HTTP/1.1 200 ", body),
+        (f"HEAD /r/data/{name} HTTP/1.1\r\n", b"HTTP/1.1 200 ", b"\r\n\r\n"),
+        (f"GET /r/data/{'0' * 64} HTTP/1.1\r\n", b"HTTP/1.1 404 ", b"not found\n"),
+    ]
+    for head, status, end in requests:
+        protocol = server.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = _CountingTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(f"{head}Host: x\r\n\r\n".encode())
+        assert len(transport.writes) == 1, (head, transport.writes)
+        assert transport.writes[0].startswith(status) and transport.writes[0].endswith(end), head
+        protocol.connectionLost(Failure(ConnectionDone()))
