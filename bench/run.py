@@ -1542,12 +1542,12 @@ def main(argv: Sequence[str]) -> int:
         env = environment(args, root)
         print("resticd benchmark (bench/run.py)")
         for k, v in env.items():
-            print(f"  {k:16s} {v}")
-        print(f"  {'mode':16s} {'quick' if args.quick else 'full'}, {args.rounds} round(s), {', '.join(protos)}, "
+            print(f"  {k:19s} {v}")
+        print(f"  {'mode':19s} {'quick' if args.quick else 'full'}, {args.rounds} round(s), {', '.join(protos)}, "
               f"workloads: {', '.join(w for w in WORKLOADS if w in only)}, {CLIENTS} concurrent clients")
-        print(f"  {'sizes':16s} {sizes}")
+        print(f"  {'sizes':19s} {sizes}")
         if args.resticd_args:
-            print(f"  {'resticd args':16s} {' '.join(args.resticd_args)}")
+            print(f"  {'resticd args':19s} {' '.join(args.resticd_args)}")
         print(flush=True)
 
         cert_file, key_file = write_self_signed(str(root / "tls"))
