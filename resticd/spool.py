@@ -135,7 +135,9 @@ class SpoolFile:
     def _submit(self) -> None:
         if not self._pending:
             return
-        piece = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        # The network's pieces go to the worker as they came: joining them
+        # would copy every byte once more, into freshly allocated memory.
+        pieces, size = self._pending, self._pending_size
         self._pending = []
         self._pending_size = 0
         self._submitted = True
@@ -143,28 +145,29 @@ class SpoolFile:
         assert run is not None
         budget = self.budget
         if budget is not None:
-            budget.take(len(piece))
+            budget.take(size)
 
         def write(ignored: object) -> Deferred[None]:
-            return run(self._write_now, piece)
+            return run(self._write_now, *pieces)
 
         def written(result: object) -> None:
             if budget is not None:
-                budget.give(len(piece))
+                budget.give(size)
             if isinstance(result, Failure) and self.error is None:
                 self.error = OSError(f"writing the upload failed: {result.getErrorMessage()}")
 
         self._tail = self._tail.addCallback(write).addBoth(written)
 
-    def _write_now(self, data: bytes) -> None:
+    def _write_now(self, *pieces: bytes) -> None:
         """
-        Hash and write one piece (in a worker thread when there is a runner).
+        Hash and write some pieces (in a worker thread when there is a runner).
         """
         if self.error is not None or self._fd is None:
             return
-        self._hash.update(data)
         try:
-            write_all(self._fd, data)
+            for data in pieces:
+                self._hash.update(data)
+                write_all(self._fd, data)
         except OSError as e:
             self.error = e
 

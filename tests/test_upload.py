@@ -337,7 +337,7 @@ def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
     assert not flushed.called
     sizes = []
     while runner.queued:
-        sizes.append(len(runner.queued[0][2][0]))
+        sizes.append(sum(len(piece) for piece in runner.queued[0][2]))
         runner.release()
     assert sizes[:3] == [PIECE] * 3 and sum(sizes) == len(body)
     assert flushed.called
