@@ -363,6 +363,10 @@ class ResticHTTPChannel(HTTPChannel):
     #: An answer was written before the request was complete, and the
     #: connection is closing: whatever else arrives is not answered.
     answered = False
+    #: While true, response headers are kept for the first body bytes
+    #: instead of being written (see L{write_with_headers}).
+    _holding = False
+    _held: bytes | None = None
     _host: Any = None
 
     def getHost(self) -> Any:
@@ -371,11 +375,6 @@ class ResticHTTPChannel(HTTPChannel):
         if self._host is None:
             self._host = super().getHost()
         return self._host
-
-    #: While true, response headers are kept for the first body bytes
-    #: instead of being written (see L{write_with_headers}).
-    _holding = False
-    _held: bytes | None = None
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         # Twisted hands the transport some 30 small strings, each checked

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 _levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _observer = FilteringLogObserver(globalLogPublisher, [_levels])
-_debug = [False]
 
 
 class _Logger(Logger):
@@ -32,8 +31,10 @@ class _Logger(Logger):
     route, and some are emitted for every request).
     """
 
+    debugging = False
+
     def debug(self, format: str | None = None, **kwargs: object) -> None:
-        if _debug[0]:
+        if _Logger.debugging:
             super().debug(format, **kwargs)
 
 
@@ -48,7 +49,7 @@ def set_debug(on: bool) -> None:
     """
     Let resticd's debug events through (C{--debug}), or not.
     """
-    _debug[0] = on
+    _Logger.debugging = on
     _levels.setLogLevelForNamespace("resticd", LogLevel.debug if on else LogLevel.info)
 
 
