@@ -812,82 +812,37 @@ def check_listing(body: bytes, status: int, ctype: str, expected: dict[str, int]
 # The fsync baseline (no server).
 
 
-def fsync_rate(directory: Path, files: int, threads: int) -> float:
-    """Files per second of create+write+fsync+rename+fsync(dir), small files."""
-    spool = directory / "spool"
-    spool.mkdir(parents=True)
-    for i in range(256):
-        (directory / f"{i:02x}").mkdir()
-    rnd = random.Random(threads)
-    bodies = [rnd.randbytes(rnd.randint(64, KiB)) for _ in range(files)]
-    names = [hashlib.sha256(b).hexdigest() for b in bodies]
+def store_durably(tmp: Path, final: Path, parts: Sequence[bytes | memoryview]) -> None:
+    """
+    What a server that makes uploads durable does with one: create C{tmp},
+    write C{parts}, fsync, rename to C{final}, fsync C{final}'s directory.
+    """
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for part in parts:
+            os.write(fd, part)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def timed_threads(count: int, threads: int, one: Callable[[int], None]) -> float:
+    """
+    Seconds it takes C{threads} threads to call C{one} on C{0 .. count-1}
+    (thread k takes k, k + threads, ...); the first failure is raised.
+    """
     failures: list[BaseException] = []
 
     def worker(indexes: Sequence[int]) -> None:
         try:
             for i in indexes:
-                tmp = spool / f"{names[i]}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, bodies[i])
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                subdir = directory / names[i][:2]
-                os.rename(tmp, subdir / names[i])
-                dfd = os.open(subdir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-        except BaseException as e:
-            failures.append(e)
-
-    workers = [threading.Thread(target=worker, args=(range(k, files, threads),), daemon=True) for k in range(threads)]
-    t0 = time.perf_counter()
-    for t in workers:
-        t.start()
-    for t in workers:
-        while t.is_alive():
-            t.join(0.5)
-    elapsed = time.perf_counter() - t0
-    if failures:
-        raise failures[0]
-    return files / elapsed
-
-
-def durable_upload_rate(directory: Path, objects: BigObjects, count: int, threads: int) -> float:
-    """
-    MiB/s of what a server that verifies and fsyncs uploads does per object,
-    with no HTTP and no client: sha256 + create + write + fsync + rename +
-    fsync(dir) of C{count} OBJECT_SIZE objects, C{threads} at a time (hashlib
-    and write release the GIL, so this uses every core).
-    """
-    spool = directory / "spool"
-    spool.mkdir(parents=True)
-    failures: list[BaseException] = []
-
-    def worker(indexes: Sequence[int]) -> None:
-        try:
-            for i in indexes:
-                head, tail = objects.parts(i)
-                digest = hashlib.sha256(head)
-                digest.update(tail)
-                name = digest.hexdigest()
-                tmp = spool / name
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, head)
-                    os.write(fd, tail)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, directory / name)
-                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                one(i)
         except BaseException as e:
             failures.append(e)
 
@@ -901,7 +856,43 @@ def durable_upload_rate(directory: Path, objects: BigObjects, count: int, thread
     elapsed = time.perf_counter() - t0
     if failures:
         raise failures[0]
-    return count * OBJECT_SIZE / MiB / elapsed
+    return elapsed
+
+
+def fsync_rate(directory: Path, files: int, threads: int) -> float:
+    """Files per second of create+write+fsync+rename+fsync(dir), small files."""
+    spool = directory / "spool"
+    spool.mkdir(parents=True)
+    for i in range(256):
+        (directory / f"{i:02x}").mkdir()
+    rnd = random.Random(threads)
+    bodies = [rnd.randbytes(rnd.randint(64, KiB)) for _ in range(files)]
+    names = [hashlib.sha256(b).hexdigest() for b in bodies]
+
+    def one(i: int) -> None:
+        store_durably(spool / f"{names[i]}.tmp", directory / names[i][:2] / names[i], [bodies[i]])
+
+    return files / timed_threads(files, threads, one)
+
+
+def durable_upload_rate(directory: Path, objects: BigObjects, count: int, threads: int) -> float:
+    """
+    MiB/s of what a server that verifies and fsyncs uploads does per object,
+    with no HTTP and no client: sha256 + create + write + fsync + rename +
+    fsync(dir) of C{count} OBJECT_SIZE objects, C{threads} at a time (hashlib
+    and write release the GIL, so this uses every core).
+    """
+    spool = directory / "spool"
+    spool.mkdir(parents=True)
+
+    def one(i: int) -> None:
+        head, tail = objects.parts(i)
+        digest = hashlib.sha256(head)
+        digest.update(tail)
+        name = digest.hexdigest()
+        store_durably(spool / name, directory / name, [head, tail])
+
+    return count * OBJECT_SIZE / MiB / timed_threads(count, threads, one)
 
 
 # --------------------------------------------------------------------------
