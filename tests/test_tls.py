@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -99,3 +100,37 @@ def test_large_writes_reach_the_client_intact(tmp_path: Path) -> None:
     server.transport.writeSequence([b"tail", b"!"])
     pump.flush()  # type: ignore[attr-defined]
     assert b"".join(client.chunks) == b"head" + body + b"tail!"
+
+
+class _CountingConnection:
+    """
+    A pyOpenSSL connection that counts the calls of C{send}.
+    """
+
+    def __init__(self, connection: object) -> None:
+        self._connection = connection
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self._connection.send(data)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._connection, name)
+
+
+def test_a_large_write_is_encrypted_a_chunk_per_call(tmp_path: Path) -> None:
+    """
+    OpenSSL encrypts each 256 KiB chunk of an answer in one call, as many
+    records as it takes (a MiB in 4 calls, not 64 of one 16 KiB record),
+    and the client gets every byte in order.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    tls: Any = server.transport
+    counting = _CountingConnection(tls._tlsConnection)
+    tls._tlsConnection = counting
+    body = os.urandom(1 << 20)
+    tls.write(body)
+    pump.flush()  # type: ignore[attr-defined]
+    assert counting.sends == 4
+    assert b"".join(client.chunks) == body
