@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import functools
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred

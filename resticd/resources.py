@@ -351,17 +351,11 @@ class StoredFile(TargetResource):
 
     def _stat(self) -> os.stat_result:
         """
-        The stored file's status, without opening it for reading;
-        L{NotFound} when it is missing, not a regular file, or outside the
-        data root.
+        The stored file's status, without opening it for reading (see
+        L{_open}).
         """
-        fd = self.ctx.store.open_contained(self.path, O_PATH)
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotFound("not found")
+        fd, st = self._open(O_PATH)
+        os.close(fd)
         return st
 
     def render_HEAD(self, request: server.Request) -> bytes:
@@ -375,14 +369,14 @@ class StoredFile(TargetResource):
         request.setHeader(b"accept-ranges", b"bytes")
         return b""
 
-    def _open(self) -> tuple[int, os.stat_result]:
+    def _open(self, flags: int = os.O_RDONLY) -> tuple[int, os.stat_result]:
         """
-        A descriptor of the stored file, open for reading, and its status;
-        L{NotFound} when it is missing, not a regular file, or outside the
-        data root.
+        A descriptor of the stored file, opened with C{flags}, and its
+        status; L{NotFound} when it is missing, not a regular file, or
+        outside the data root.
         """
         try:
-            fd = self.ctx.store.open_contained(self.path)
+            fd = self.ctx.store.open_contained(self.path, flags)
         except IsADirectoryError:
             raise NotFound("not found") from None
         except OSError:
