@@ -19,7 +19,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 
 from . import __version__
@@ -27,6 +26,7 @@ from .access import Access
 from .errors import PlainResource, VerificationFailed
 from .paths import Repo
 from .request import SpoolingRequest
+from .threads import WorkerThreads
 from .usage import ALL, Usage
 
 #: Request duration buckets, seconds: from a cached HEAD to a 128 MiB upload.
@@ -67,14 +67,14 @@ class Metrics:
         usage: Usage,
         access: Access,
         clock: IReactorTime,
-        pool: ThreadPool | None = None,
+        threads: WorkerThreads | None = None,
         root: str | None = None,
     ) -> None:
         self.registry = registry
         self.usage = usage
         self.access = access
         self.clock = clock
-        self.pool = pool
+        self.threads = threads
         self.root = root
         labels = ["user", "repo", "type"]
         self.blob_read = Counter("rest_server_blob_read", "Objects read", labels, registry=registry)
@@ -243,10 +243,10 @@ class _StateCollector:
             m.usage.last_snapshot,
         )
         yield from _quotas(m.usage, m.access)
-        if m.pool is not None:
-            yield GaugeMetricFamily("resticd_threadpool_size", "Most worker threads", value=m.pool.max)
-            yield GaugeMetricFamily("resticd_threadpool_busy", "Worker threads at work", value=len(m.pool.working))
-            yield GaugeMetricFamily("resticd_threadpool_queue", "Work waiting for a thread", value=m.pool.q.qsize())
+        if m.threads is not None:
+            yield GaugeMetricFamily("resticd_threadpool_size", "Worker threads", value=m.threads.size)
+            yield GaugeMetricFamily("resticd_threadpool_busy", "Worker threads at work", value=m.threads.busy)
+            yield GaugeMetricFamily("resticd_threadpool_queue", "Work waiting for a thread", value=m.threads.queued)
         if m.root is not None:
             try:
                 fs = os.statvfs(m.root)

@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
 from .access import Access, AccessFileSource, Policy
@@ -35,7 +34,7 @@ from .resources import Context, RepoResource
 from .site import QuietSite, ResticSite, SiteRoot
 from .spool import Spool
 from .store import Modes, Store
-from .threads import PoolRunner, Runner
+from .threads import PoolRunner, Runner, WorkerThreads
 from .systemd import notify
 from .usage import Usage, tally
 
@@ -249,8 +248,8 @@ class ResticdService(service.MultiService):
         set_debug(config.debug)
         self.config = config
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="resticd-io")
-        self.run = PoolRunner(reactor, self.pool)
+        self.threads = WorkerThreads(config.threads)
+        self.run = PoolRunner(reactor, self.threads)
         self.store = make_store(config)
         self.ctx = make_context(config, self.store, self.run)
         self.authenticator: Authenticator | None = None
@@ -266,7 +265,7 @@ class ResticdService(service.MultiService):
             from .metrics import Metrics
 
             self.metrics = Metrics(
-                CollectorRegistry(), self.ctx.usage, self.ctx.access, reactor, self.pool, self.store.layout.root
+                CollectorRegistry(), self.ctx.usage, self.ctx.access, reactor, self.threads, self.store.layout.root
             )
         self.site = make_site(config, self.ctx, self.authenticator, reactor, Throttle(reactor), self.metrics)
         self.access_log: AccessLog | None = None
@@ -456,7 +455,7 @@ class ResticdService(service.MultiService):
 
     def startService(self) -> None:
         self._prepare_or_exit()
-        self.pool.start()
+        self.threads.start()
         if self.metrics is not None:
             self.metrics.start()
         self.ctx.ready.close()
@@ -510,7 +509,7 @@ class ResticdService(service.MultiService):
         except defer.TimeoutError:
             log.warn("{count} connections did not close in time", count=len(self.site.connections))
         await super().stopService()
-        self.pool.stop()
+        self.threads.stop()
         # A stop by SIGTERM or SIGINT is the normal way to end the daemon:
         # exit with status 0 rather than have twistd re-raise the signal.
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):

@@ -1062,7 +1062,7 @@ async def test_service_reload_keeps_rules_of_broken_file(tmp_path, logged):
     config = Config(path=str(tmp_path / "data"), listen=(), proxy_auth_username=PROXY, access_file=access)
     service = ResticdService(config, global_reactor)
     service.prepare()
-    service.pool.start()
+    service.threads.start()
     try:
         client = SiteClient(service.site)
         # HEAD of a missing config: 404 with the read right, 403 without.
@@ -1086,4 +1086,4 @@ async def test_service_reload_keeps_rules_of_broken_file(tmp_path, logged):
         assert len(errors) == 1 and access in errors[0], errors
         assert (await client.head("/r/config", x_remote_user="u")).code == 404
     finally:
-        service.pool.stop()
+        service.threads.stop()

@@ -33,7 +33,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from resticd.accesslog import AccessLog
@@ -43,6 +42,7 @@ from resticd.config import Config
 from resticd.health import MinFree
 from resticd.metrics import Metrics
 from resticd.service import ResticdService, make_metrics_site, make_site
+from resticd.threads import WorkerThreads
 from resticd.site import ResticSite
 from resticd.threads import run_inline
 from resticd.tls import certificate_expiry
@@ -972,7 +972,7 @@ async def exported_samples(tmp_path: Path) -> set[str]:
     assert server.metrics is not None
     cert, _ = write_self_signed(str(tmp_path / "tls"))
     server.metrics.set_certificate_expiry(certificate_expiry(cert))
-    server.metrics.pool = ThreadPool(minthreads=0, maxthreads=2)
+    server.metrics.threads = WorkerThreads(2)
     clock = Clock()
     server.ctx.now = clock
     await session(server, clock)
