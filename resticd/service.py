@@ -275,6 +275,7 @@ class ResticdService(service.MultiService):
         self.ports: list[IListeningPort] = []
         self._prepared = False
         self._previous_sighup: Any = None
+        self._catching_sighup = False
 
     def reload(self) -> Deferred[None]:
         """
@@ -449,11 +450,26 @@ class ResticdService(service.MultiService):
         except StartupError as e:
             raise StartupExit(f"resticd: error: {e}") from None
 
+    def _catch_sighup(self) -> None:
+        # Before the first port listens: once "serving" is logged, a SIGHUP
+        # reloads rather than ends the daemon.
+        if self._catching_sighup or not hasattr(signal, "SIGHUP"):
+            return
+        self._catching_sighup = True
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.hangup)
+            )
+        except ValueError:  # not the main thread (tests)
+            self._previous_sighup = None
+
     def privilegedStartService(self) -> None:
+        self._catch_sighup()
         self._prepare_or_exit()
         super().privilegedStartService()
 
     def startService(self) -> None:
+        self._catch_sighup()
         self._prepare_or_exit()
         self.threads.start()
         if self.metrics is not None:
@@ -461,13 +477,6 @@ class ResticdService(service.MultiService):
         self.ctx.ready.close()
         Deferred.fromCoroutine(self._tally())
         notify("READY=1")
-        if hasattr(signal, "SIGHUP"):
-            try:
-                self._previous_sighup = signal.signal(
-                    signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.hangup)
-                )
-            except ValueError:  # not the main thread (tests)
-                self._previous_sighup = None
         super().startService()
 
     def stopService(self) -> Deferred[None]:
@@ -484,6 +493,7 @@ class ResticdService(service.MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        self._catching_sighup = False
         if self.metrics is not None:
             self.metrics.stop()
         ports, self.ports = self.ports, []
