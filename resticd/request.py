@@ -117,6 +117,9 @@ class SpoolingRequest(server.Request):
     _deadline: Any = None
     #: Answered (and its connection closed) before its body: never render.
     answered_early = False
+    #: Its answer could not be completed and its connection (or stream) is
+    #: being dropped: it ends when the connection does, never by L{finish}.
+    dropped = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The body is never a form: keep twisted.web from parsing it.
@@ -314,6 +317,10 @@ class SpoolingRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def finish(self) -> None:
+        if self.dropped:
+            # A producer that ran out of data early finishes as usual; the
+            # client must see a cut connection, not a complete answer.
+            return
         # Observe the end before twisted.web hands the connection to the next
         # pipelined request (it fires notifyFinish only after that), so that
         # access-log lines come in the order the answers were sent.

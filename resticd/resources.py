@@ -293,6 +293,8 @@ def abort(request: server.Request) -> None:
     Drop the connection (or HTTP/2 stream) of a response that cannot be
     completed, so the client sees an error instead of a short body.
     """
+    if isinstance(request, SpoolingRequest):
+        request.dropped = True
     channel = request.channel
     abort_stream = getattr(channel, "abortConnection", None)
     if abort_stream is None:
@@ -307,10 +309,11 @@ def static_producer(request: server.Request, file: IO[bytes], start: int, length
     Python anyway).
     """
     producer: Any
+    exact = ExactReads(request, file, length)
     if whole:
-        producer = static.NoRangeStaticProducer(request, file)
+        producer = static.NoRangeStaticProducer(request, exact)
     else:
-        producer = static.SingleRangeStaticProducer(request, file, start, length)
+        producer = static.SingleRangeStaticProducer(request, exact, start, length)
     if not hasattr(request.channel, "_conn"):
         # HTTP/1.1 over TLS: fewer, larger reads and writes (HTTP/2 cuts
         # what it sends into frames anyway).
@@ -321,6 +324,45 @@ def static_producer(request: server.Request, file: IO[bytes], start: int, length
     # the next full garbage collection.
     request.notifyFinish().addErrback(_abandoned, request, producer)
     return producer
+
+
+class ExactReads:
+    """
+    A stored object's file as static's producers read it: C{length} bytes
+    and no more. Should it end early (truncated on disk while being sent),
+    the connection is dropped: static's producers would otherwise finish
+    the answer short of its Content-Length (the client then reads the next
+    answer as the rest of this one) or, for a range, wait forever.
+    """
+
+    def __init__(self, request: server.Request, file: IO[bytes], length: int) -> None:
+        self._request = request
+        self._file = file
+        self._left = length
+        self._cut = False
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def read(self, size: int) -> bytes:
+        data = self._file.read(min(size, self._left))
+        self._left -= len(data)
+        if not data and self._left > 0 and not self._cut:
+            self._cut = True
+            shrank(self._request)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def shrank(request: server.Request) -> None:
+    """
+    Drop the answer of a stored object that turned out shorter than when it
+    was opened (see L{abort}), and say so.
+    """
+    log.warn("stored object shrank while being sent: {uri}", uri=request.uri)
+    abort(request)
 
 
 def _abandoned(failure: Failure, request: server.Request, producer: Any) -> None:
@@ -426,8 +468,7 @@ class StoredFile(TargetResource):
                 os.close(fd)
             if len(data) == length:
                 return data
-            # The file is shorter than it was a moment ago.
-            abort(request)
+            shrank(request)
             return server.NOT_DONE_YET
         file = os.fdopen(fd, "rb")
         transport = sendfile_transport(request)

@@ -6,6 +6,7 @@ ranged reads, cancelled streams) and HTTP/1.1 framing, as clients see them.
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import re
 import socket
@@ -933,3 +934,72 @@ def test_http1_large_downloads_whole_ranged_pipelined_and_slow(tmp_path: Path) -
         assert read_bytes_metric(daemon) == sent
     logged = re.findall(r'"GET /big/data/\S+ HTTP/1.1" (\d+) (\d+)', access_log.read_text())
     assert [int(size) for _, size in logged] == [len(body), len(body), 1_000_000, len(body), 10, 10, len(body)]
+
+
+def read_until_cut(stream: io.RawIOBase, expected: int, truncate: Callable[[], None]) -> int:
+    """
+    Read an answer's body of C{expected} bytes slowly from C{stream}; after
+    the first MiB, C{truncate} the object on disk. How many body bytes came
+    before the connection ended (raises on a timeout: a stalled answer).
+    """
+    got = 0
+    truncated = False
+    while True:
+        try:
+            chunk = stream.read(64 * 1024)
+        except (ConnectionResetError, ssl.SSLError):
+            return got
+        if not chunk:
+            return got
+        got += len(chunk)
+        assert got < expected, "the whole body arrived although the object was truncated"
+        if got >= MIB and not truncated:
+            truncate()
+            truncated = True
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["sendfile", "tls"])
+def test_an_object_truncated_while_being_sent_cuts_the_connection(tmp_path: Path, tls: bool) -> None:
+    """
+    An object truncated on disk while it is being sent (whole, or as restic
+    reads it with C{Range: bytes=0-}): the connection is cut short of the
+    Content-Length, rather than the answer ending short (the client would
+    take the next answer for the rest of it) or waiting forever; the daemon
+    says so in its log and goes on serving.
+    """
+    with running(tmp_path, tls=tls) as daemon:
+        ctx = tls_context(daemon.cert) if tls else None
+        conn = http1(daemon, ctx)
+        bodies = [os.urandom(24 * MIB) for _ in range(2)]
+        try:
+            assert call(conn, "POST", "/shrink/?create=true")[0] == 200
+            for body in bodies:
+                assert call(conn, "POST", f"/shrink/data/{sha256_hex(body)}", body)[0] == 200
+        finally:
+            conn.close()
+        for body, range_header in zip(bodies, ["", "Range: bytes=0-\r\n"]):
+            name = sha256_hex(body)
+            stored = daemon.data / "shrink" / "data" / name[:2] / name
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            raw.settimeout(TIMEOUT)
+            raw.connect((daemon.host, daemon.port))
+            sock: socket.socket = raw if ctx is None else ctx.wrap_socket(raw, server_hostname=daemon.host)
+            with sock:
+                sock.sendall(f"GET /shrink/data/{name} HTTP/1.1\r\nHost: x\r\n{range_header}\r\n".encode())
+                stream = sock.makefile("rb", buffering=0)
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    byte = stream.read(1)
+                    assert byte, "the connection closed before the headers"
+                    head += byte
+                assert re.search(rb"(?i)content-length: %d\r\n" % len(body), head)
+                got = read_until_cut(stream, len(body), lambda: os.truncate(stored, 2 * MIB))
+            assert got < len(body)
+        assert daemon.log().count("stored object shrank while being sent") == 2
+        missing = http1(daemon, ctx)
+        try:
+            assert call(missing, "HEAD", f"/shrink/data/{MISSING}")[0] == 404
+        finally:
+            missing.close()
