@@ -19,7 +19,9 @@ sends a pack in a few dozen frames, not hundreds), it does not build a hex
 dump of every DATA frame for h2's trace log, which is off, it sends several
 DATA frames per reactor iteration instead of one and hands them to the
 transport (TLS) in one write, and it keeps each stream's queued length
-instead of summing the queue on every write. Both lean on Twisted internals
+instead of summing the queue on every write. A stream it resets itself (an
+answer that cannot be completed) ends its request, as a reset by the client
+does. All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_requestReceived},
 C{remainingOutboundWindow}); setup.py pins the Twisted versions they were
@@ -37,6 +39,8 @@ import h2.connection
 import priority
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
+from twisted.internet.error import ConnectionAborted
+from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtocol
 
@@ -230,6 +234,16 @@ class ResticH2Connection(H2Connection):
             writes.flush()
         if turn.again:
             reactor.callLater(0, self._sendPrioritisedData)
+
+    def abortRequest(self, streamID: int) -> None:
+        # Twisted resets the stream but never tells its request, which then
+        # stays in flight for good: its producer registered, its file open,
+        # a shutdown waiting for it. Tell it first, as a reset by the client
+        # does.
+        stream = self.streams.get(streamID)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionAborted("stream reset by the server")))
+        super().abortRequest(streamID)
 
     def _requestReceived(self, event: Any) -> None:
         super()._requestReceived(event)

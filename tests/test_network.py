@@ -1003,3 +1003,56 @@ def test_an_object_truncated_while_being_sent_cuts_the_connection(tmp_path: Path
             assert call(missing, "HEAD", f"/shrink/data/{MISSING}")[0] == 404
         finally:
             missing.close()
+
+
+def test_an_object_truncated_while_being_sent_over_http2_resets_its_stream(tmp_path: Path) -> None:
+    """
+    Over HTTP/2, an object truncated on disk while restic reads it
+    (C{Range: bytes=0-}) ends its stream with RST_STREAM short of its
+    Content-Length, never with a clean end, and its request ends (it is no
+    longer counted in flight); the connection's other streams go on.
+    """
+
+    def requests_in_flight() -> float:
+        scrape = http1(daemon, tls_context(daemon.cert))
+        try:
+            status, _, text = call(scrape, "GET", "/metrics")
+        finally:
+            scrape.close()
+        assert status == 200
+        found = re.search(rb"^resticd_requests_in_flight (\S+)$", text, re.M)
+        assert found is not None
+        return float(found.group(1))
+
+    with running(tmp_path, "--prometheus-no-auth") as daemon:
+        body = os.urandom(8 * MIB)
+        name = sha256_hex(body)
+        conn = http1(daemon, tls_context(daemon.cert))
+        try:
+            assert call(conn, "POST", "/shrink/?create=true")[0] == 200
+            assert call(conn, "POST", f"/shrink/data/{name}", body)[0] == 200
+        finally:
+            conn.close()
+        client = H2Client(daemon)
+        try:
+            sid = client.start("GET", f"/shrink/data/{name}", [("range", "bytes=0-")], end_stream=True)
+            stream = client.streams[sid]
+            # The client's 64 KiB windows hold the server back until it reads.
+            client.wait_for(lambda: len(stream.data) >= 64 * 1024)
+            os.truncate(daemon.data / "shrink" / "data" / name[:2] / name, 2 * MIB)
+            client.wait_for(lambda: stream.reset is not None or stream.ended)
+            assert stream.reset is not None and not stream.ended
+            assert stream.headers is not None and stream.headers["content-length"] == str(len(body))
+            assert len(stream.data) < len(body)
+            other = client.start("HEAD", f"/shrink/data/{MISSING}", end_stream=True)
+            client.wait_for(lambda: client.streams[other].ended)
+            answer = client.streams[other].headers
+            assert answer is not None and answer[":status"] == "404"
+            # Only the scrape itself is left in flight.
+            deadline = time.monotonic() + TIMEOUT
+            while requests_in_flight() != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert requests_in_flight() == 1
+        finally:
+            client.close()
+        assert "stored object shrank while being sent" in daemon.log()
