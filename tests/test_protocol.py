@@ -15,6 +15,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from resticd.resources import StoredFile
+
 from .web import V2, Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
@@ -474,3 +476,30 @@ async def test_an_answer_reaches_the_connection_in_one_write(server: Server) -> 
         assert len(transport.writes) == 1, (head, transport.writes)
         assert transport.writes[0].startswith(status) and transport.writes[0].endswith(end), head
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@ensure
+async def test_a_small_range_of_an_object_truncated_meanwhile_cuts_the_connection(server: Server, monkeypatch) -> None:
+    """
+    A range of at most a MiB (read in one go) from an object that turned
+    out shorter than when it was opened: the connection is cut before any
+    of the answer is written, rather than answering with a short body.
+    """
+    body = os.urandom(4096)
+    name = name_of(body)
+    assert (await server.client.post("/r/?create=true")).code == 200
+    assert (await server.client.post(f"/r/data/{name}", body)).code == 200
+    opened = StoredFile._open
+
+    def open_then_truncate(self: StoredFile, flags: int = os.O_RDONLY) -> tuple[int, os.stat_result]:
+        fd, st = opened(self, flags)
+        os.truncate(self.path, 100)
+        return fd, st
+
+    monkeypatch.setattr(StoredFile, "_open", open_then_truncate)
+    protocol = server.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(f"GET /r/data/{name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-4095\r\n\r\n".encode())
+    assert transport.disconnected and transport.value() == b""
+    protocol.connectionLost(Failure(ConnectionDone()))
