@@ -39,6 +39,7 @@ from resticd.paths import HASHED_TYPES, is_object_name
 from resticd.site import IDLE_TIMEOUT
 
 from .daemon import Daemon, running, sha256_hex
+from .tools import wait_for
 from .web import Server, make_server
 
 pytestmark = pytest.mark.network
@@ -235,15 +236,6 @@ def rss(daemon: Daemon, collect: bool = False) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def stored(daemon: Daemon, kind: str, name: str, repo: str = "r") -> Path:

@@ -20,6 +20,7 @@ from twisted.logger import LogLevel
 from resticd.threads import PoolRunner, WorkerThreads
 
 from .logcapture import LogCapture
+from .tools import wait_for
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -30,18 +31,6 @@ def collector() -> tuple[Callable[[bool, Any], None], queue.SimpleQueue[tuple[bo
     """
     results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
     return lambda ok, result: results.put((ok, result)), results
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """
-    Poll C{condition} until it holds or C{timeout} seconds pass.
-    """
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @ensure
@@ -113,12 +102,12 @@ def test_no_more_calls_run_at_once_than_there_are_threads() -> None:
     try:
         for _ in range(5):
             threads.call(done, block)
-        assert wait_until(lambda: threads.busy == 2 and threads.queued == 3)
+        assert wait_for(lambda: threads.busy == 2 and threads.queued == 3, 5)
         release.set()
         for _ in range(5):
             assert results.get(timeout=10) == (True, None)
         assert most == 2
-        assert wait_until(lambda: threads.busy == 0 and threads.queued == 0)
+        assert wait_for(lambda: threads.busy == 0 and threads.queued == 0, 5)
     finally:
         release.set()
         threads.stop()

@@ -1,11 +1,14 @@
 """
-External programs the tests drive: required on CI, optional elsewhere.
+What several test modules share: the external programs the tests drive
+(required on CI, optional elsewhere), and bounded polling.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 import pytest
@@ -30,3 +33,16 @@ def required_program(name: str, package: str | None = None) -> str:
     if path is None:
         unavailable(f"{name} is not installed (Debian package {package or name})")
     return path
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """
+    Poll C{predicate} until it holds (L{True}) or C{timeout} seconds pass
+    (L{False}).
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
