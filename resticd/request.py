@@ -173,11 +173,7 @@ class SpoolingRequest(server.Request):
             what=what,
             seconds=seconds,
         )
-        channel = self.channel
-        if hasattr(channel, "_conn"):
-            channel.abortConnection()  # type: ignore[attr-defined]  # an HTTP/2 stream: reset only it
-        elif channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()  # type: ignore[attr-defined]
+        abort(self)
 
     def _refuse_body(self, error: ResticdError) -> None:
         """
@@ -343,3 +339,29 @@ class SpoolingRequest(server.Request):
                 observer.finished(self, completed)
             except Exception:
                 log.failure("observing the end of {uri} failed", uri=self.uri)
+
+
+def abort(request: server.Request) -> None:
+    """
+    Drop the connection (or HTTP/2 stream: only that) of a request whose
+    answer cannot be completed, so the client sees an error instead of a
+    short body; the request then ends when its connection does.
+    """
+    if isinstance(request, SpoolingRequest):
+        request.dropped = True
+    channel: Any = request.channel
+    if channel is None:
+        return
+    if hasattr(channel, "_conn"):
+        channel.abortConnection()
+    elif channel.transport is not None:
+        channel.transport.abortConnection()
+
+
+def shrank(request: server.Request) -> None:
+    """
+    Drop the answer of a stored object that turned out shorter than when it
+    was opened (see L{abort}), and say so.
+    """
+    log.warn("stored object shrank while being sent: {uri}", uri=request.uri)
+    abort(request)

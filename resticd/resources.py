@@ -39,7 +39,7 @@ from .listing import content_type, format_entries, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
 from .ranges import parse_range
-from .request import SpoolingRequest
+from .request import SpoolingRequest, abort, shrank
 from .sendfile import SendfileProducer, sendfile_transport
 from .store import Store
 from .threads import Runner
@@ -288,20 +288,6 @@ class TypeResource(TargetResource):
         abort(request)
 
 
-def abort(request: server.Request) -> None:
-    """
-    Drop the connection (or HTTP/2 stream) of a response that cannot be
-    completed, so the client sees an error instead of a short body.
-    """
-    if isinstance(request, SpoolingRequest):
-        request.dropped = True
-    channel = request.channel
-    abort_stream = getattr(channel, "abortConnection", None)
-    if abort_stream is None:
-        abort_stream = channel.transport.abortConnection  # type: ignore[union-attr]
-    abort_stream()
-
-
 def static_producer(request: server.Request, file: IO[bytes], start: int, length: int, whole: bool) -> Any:
     """
     One of L{twisted.web.static}'s producers for C{length} bytes of C{file}
@@ -354,15 +340,6 @@ class ExactReads:
 
     def close(self) -> None:
         self._file.close()
-
-
-def shrank(request: server.Request) -> None:
-    """
-    Drop the answer of a stored object that turned out shorter than when it
-    was opened (see L{abort}), and say so.
-    """
-    log.warn("stored object shrank while being sent: {uri}", uri=request.uri)
-    abort(request)
 
 
 def _abandoned(failure: Failure, request: server.Request, producer: Any) -> None:

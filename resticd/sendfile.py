@@ -18,6 +18,7 @@ attributes (C{dataBuffer}, C{offset}, C{_tempDataLen}, C{producerPaused}).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet import tcp
@@ -26,9 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from .logs import logger
+from .request import abort, shrank
 
-log = logger(__name__)
 
 #: Bytes handed to one sendfile call; also what one reactor turn sends at
 #: most, so that other connections get their turn.
@@ -119,8 +119,7 @@ class SendfileProducer:
                 return
             if n == 0:
                 # The file is shorter than when it was opened.
-                log.warn("stored object shrank while being sent: {uri}", uri=self.request.uri)
-                self._fail()
+                self._fail(shrank)
                 return
             self.offset += n
             sent_this_turn += n
@@ -149,7 +148,7 @@ class SendfileProducer:
         if not request.finished and not request._disconnected:
             request.finish()
 
-    def _fail(self) -> None:
+    def _fail(self, cut: Callable[[server.Request], None] = abort) -> None:
         self._close()
         self.request.unregisterProducer()
-        self.transport.abortConnection()
+        cut(self.request)
