@@ -15,6 +15,8 @@ setup(
         # handleContentChunk); keep to the range it was tested with.
         "twisted[tls,http2]>=26.10,<27",
         "pyopenssl>=26.4,<27",
+        # resticd/h2.py's send loop keeps h2's flow-control windows itself.
+        "h2>=4.4,<5",
         "service-identity>=26.1,<27",
         "cryptography>=50,<51",
         "prometheus-client>=0.26,<0.27",

@@ -18,18 +18,21 @@ accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
 sends a pack in a few dozen frames, not hundreds), it does not build a hex
 dump of every DATA frame for h2's trace log, which is off, it sends several
 DATA frames per reactor iteration instead of one and hands them to the
-transport (TLS) in one write, and it keeps each stream's queued length
-instead of summing the queue on every write. A stream it resets itself (an
+transport (TLS) in one write, it builds those frames itself from views of
+the response's data (h2 would copy each payload four times), and it keeps
+each stream's queued length instead of summing the queue on every write. A stream it resets itself (an
 answer that cannot be completed) ends its request, as a reset by the client
 does. All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
-C{_outboundStreamQueues}, C{_sendingDeferred}, C{_requestReceived},
-C{remainingOutboundWindow}); setup.py pins the Twisted versions they were
-tested with.
+C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
+C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
+flow-control and state attributes; setup.py pins the Twisted and h2
+versions they were tested with.
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +40,11 @@ from typing import Any
 import h2.config
 import h2.connection
 import priority
+from h2.connection import ConnectionState
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 from hyperframe.frame import DataFrame
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
 from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
@@ -55,72 +61,30 @@ SOCKET_READ_SIZE = 1 << 20
 #: DATA frames sent per reactor turn, at most, before other work gets a turn.
 FRAMES_PER_TURN = 16
 
-
-class _Turn:
-    """
-    Stands in for the reactor during one turn of the send loop: a request to
-    run the loop again "soon" (C{callLater(0, ...)}) is noted, so the loop can
-    go on at once instead of waiting for the next reactor iteration.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.again = False
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if delay == 0 and not args and not kwargs:
-            self.again = True
-            return None
-        return self.reactor.callLater(delay, f, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.reactor, name)
-
-
-class _GatheredWrites:
-    """
-    Stands in for the transport during one turn of the send loop: the
-    frames it writes are gathered and handed to the transport together at
-    the end of the turn (one TLS write instead of one per frame). Anything
-    else asked of the transport first sends what was gathered.
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self._pieces: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if data:
-            self._pieces.append(data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self._pieces.extend(data)
-
-    def flush(self) -> None:
-        if self._pieces:
-            pieces, self._pieces = self._pieces, []
-            self._transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-
-    def __getattr__(self, name: str) -> Any:
-        self.flush()
-        return getattr(self._transport, name)
+#: An HTTP/2 frame header: length (24 bits), type, flags, stream.
+_FRAME_HEADER = struct.Struct(">HBBBL")
+#: The stream states in which sending DATA changes no state in h2.
+_SENDING = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 
 
 class _SizedQueue(deque):  # type: ignore[type-arg]
     """
     A stream's queue of outgoing data that keeps the total length of what it
-    holds (Twisted recomputes it on every write).
+    holds (Twisted recomputes it on every write), and holds it as memory
+    views, so that cutting it into frames copies nothing.
     """
 
     size = 0
 
     def append(self, item: Any) -> None:
         if item is not _END_STREAM_SENTINEL:
+            item = memoryview(item)
             self.size += len(item)
         super().append(item)
 
     def appendleft(self, item: Any) -> None:
         if item is not _END_STREAM_SENTINEL:
+            item = memoryview(item)
             self.size += len(item)
         super().appendleft(item)
 
@@ -212,28 +176,88 @@ class ResticH2Connection(H2Connection):
 
     def _sendPrioritisedData(self, *args: Any) -> None:
         """
-        Twisted's send loop sends one DATA frame per reactor iteration; run up
-        to L{FRAMES_PER_TURN} of its rounds per iteration instead (it stops
-        early when every stream is blocked or the transport is full).
+        The send loop (Twisted's, reworked): up to L{FRAMES_PER_TURN} DATA
+        frames per reactor turn rather than one, handed to the transport in
+        one write, and each DATA frame built here (L{_data_frame}) rather than
+        by h2. Streams take turns as the priority tree says; the loop sleeps
+        when every stream is blocked and waits while the transport is full.
         """
-        reactor = self._reactor
-        turn = _Turn(reactor)
-        self._reactor = turn
-        transport = self.transport
-        writes = _GatheredWrites(transport)
-        self.transport = writes  # type: ignore[assignment]
+        if not self._stillProducing:
+            return
+        pieces: list[bytes | memoryview] = []
         try:
-            for _ in range(FRAMES_PER_TURN):
-                turn.again = False
-                super()._sendPrioritisedData()
-                if not turn.again:
-                    break
+            for frame in range(FRAMES_PER_TURN):
+                try:
+                    stream = next(self.priority)
+                except priority.DeadlockError:
+                    # Every stream is blocked: sleep until one is unblocked.
+                    assert self._sendingDeferred is None
+                    self._sendingDeferred = Deferred()
+                    self._sendingDeferred.addCallback(self._sendPrioritisedData)
+                    return
+                if self._consumerBlocked is not None:
+                    self._consumerBlocked.addCallback(self._sendPrioritisedData)
+                    return
+                if frame == 0:
+                    self.resetTimeout()
+                queue = self._outboundStreamQueues[stream]
+                data = queue.popleft()
+                if data is _END_STREAM_SENTINEL:
+                    self.conn.end_stream(stream)
+                    pieces.append(self.conn.data_to_send())
+                    # What ending the request sets off writes on its own.
+                    self._write(pieces)
+                    self._requestDone(stream)
+                    continue
+                size = min(self.conn.max_outbound_frame_size, self.conn.local_flow_control_window(stream))
+                if len(data) > size:
+                    queue.appendleft(data[size:])
+                    data = data[:size]
+                if data:
+                    pieces += self._data_frame(stream, data)
+                if not queue:
+                    self.priority.block(stream)
+                if self.remainingOutboundWindow(stream) <= 0:
+                    self.streams[stream].flowControlBlocked()
         finally:
-            self._reactor = reactor
-            self.transport = transport
-            writes.flush()
-        if turn.again:
-            reactor.callLater(0, self._sendPrioritisedData)
+            self._write(pieces)
+        self._reactor.callLater(0, self._sendPrioritisedData)
+
+    def _data_frame(self, stream: int, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """
+        One DATA frame of C{data} on C{stream}, as the pieces to write: its
+        header and C{data} itself, not copied. For an open stream of an open
+        connection, all h2's C{send_data} does besides building the frame is
+        to shrink the two flow-control windows by its length, which is done
+        here; in any other case h2 builds the frame (or raises its error).
+        """
+        conn = self.conn
+        state = conn.streams.get(stream)
+        size = len(data)
+        if (
+            state is None
+            or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+            or state.state_machine.state not in _SENDING
+            or size > conn.max_outbound_frame_size
+            or size > min(conn.outbound_flow_control_window, state.outbound_flow_control_window)
+        ):
+            conn.send_data(stream, data)
+            return [conn.data_to_send()]
+        conn.outbound_flow_control_window -= size
+        state.outbound_flow_control_window -= size
+        header = _FRAME_HEADER.pack(size >> 8, size & 0xFF, DataFrame.type, 0, stream & 0x7FFFFFFF)
+        queued = conn.data_to_send()
+        return [queued, header, data] if queued else [header, data]
+
+    def _write(self, pieces: list[bytes | memoryview]) -> None:
+        """
+        Hand what the send loop gathered to the transport, in one write.
+        """
+        if pieces:
+            data = b"".join(pieces)
+            pieces.clear()
+            transport: Any = self.transport
+            transport.write(data)
 
     def abortRequest(self, streamID: int) -> None:
         # Twisted resets the stream but never tells its request, which then

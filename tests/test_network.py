@@ -139,6 +139,8 @@ class H2Client:
         self.terminated: ConnectionTerminated | None = None
         #: DATA frames sent per stream.
         self.frames_sent: dict[int, int] = {}
+        #: The stream of each DATA frame received, in order.
+        self.data_order: list[int] = []
         #: Streams whose received data is not acknowledged (a stalled reader).
         self.no_ack: set[int] = set()
         self.pings_acked = 0
@@ -169,6 +171,7 @@ class H2Client:
             stream.headers = {bytes(k).decode().lower(): bytes(v).decode() for k, v in event.headers}
         elif isinstance(event, DataReceived):
             stream.data += event.data
+            self.data_order.append(event.stream_id)
             if event.stream_id in self.no_ack:
                 return
             try:
@@ -639,6 +642,35 @@ def test_h2_cancelled_download_closes_file(tmp_path: Path) -> None:
             client.close()
         left = wait_no_fd(daemon, name)
         assert left == [], f"{len(left)} descriptors still open after the connection closed"
+
+
+def test_h2_concurrent_downloads_share_the_connection(h2: H2Client) -> None:
+    """
+    Several downloads in flight on one HTTP/2 connection each get exactly
+    their own bytes, in DATA frames no larger than the client allows (its
+    h2 state machine refuses larger ones), and take turns on the
+    connection rather than waiting for each other to finish.
+    """
+    create_repo(h2, "turns")
+    bodies = [os.urandom(MIB + 1000 * i) for i in range(3)]
+    for body in bodies:
+        assert h2.request("POST", f"/turns/data/{sha256_hex(body)}", body).status == 200
+    h2.data_order.clear()
+    sids = [
+        h2.start("GET", f"/turns/data/{sha256_hex(body)}", [("range", "bytes=0-")], end_stream=True)
+        for body in bodies
+    ]
+    replies = [h2.response(sid) for sid in sids]
+    for reply, body in zip(replies, bodies):
+        assert reply.status == 206
+        assert reply.body == body
+    # 1 MiB each in frames of at most 16 KiB: at least 64 frames per stream.
+    order = h2.data_order
+    assert all(order.count(sid) >= 64 for sid in sids)
+    # Taking turns: every stream had frames sent before the first one ended.
+    first_done = min(max(i for i, sid in enumerate(order) if sid == s) for s in sids)
+    assert set(order[: first_done + 1]) == set(sids)
+    assert h2.terminated is None
 
 
 def test_h2_response_resumes_when_connection_window_opens(tmp_path: Path) -> None:
