@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-The long variants of resticd's fault tests (issue 7), run by hand.
+The long variants of resticd's fault tests, run by hand.
 
     .venv/bin/python bench/soak.py [--cycles 500] [--fuzz 200000] [--seconds N]
 
