@@ -137,7 +137,8 @@ def make_site(
             return exposition
 
         fixed[b"metrics"] = exposition if config.prometheus_no_auth else gate(metrics_for)
-    spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file, ctx.run)
+    # Uploads that are not verified are not hashed either.
+    spool = Spool(ctx.store.layout.spool_dir(), ctx.store.modes.file, ctx.run, hashed=config.verify_upload)
     site = ResticSite(
         SiteRoot(gate(tree_for), fixed),
         spool,

@@ -87,7 +87,9 @@ class WriteBudget:
 
 class SpoolFile:
     """
-    One upload's temp file and the running sha256 of what was written to it.
+    One upload's temp file and the running sha256 of what was written to it
+    (unless made with C{hashed=False}: uploads that are not verified are not
+    hashed either).
 
     With a L{Runner}, pieces of about L{PIECE} bytes are hashed and written in
     the worker threads, one after another, while the reactor goes on reading
@@ -99,13 +101,18 @@ class SpoolFile:
     """
 
     def __init__(
-        self, directory: str, mode: int, run: Runner | None = None, budget: WriteBudget | None = None
+        self,
+        directory: str,
+        mode: int,
+        run: Runner | None = None,
+        budget: WriteBudget | None = None,
+        hashed: bool = True,
     ) -> None:
         fd, self.path = tempfile.mkstemp(dir=directory, prefix="upload-")
         if mode != 0o600:
             os.fchmod(fd, mode)
         self._fd: int | None = fd
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashed else None
         self._run = run
         self.budget = budget
         self._pending: list[bytes] = []
@@ -166,7 +173,8 @@ class SpoolFile:
             return
         try:
             for data in pieces:
-                self._hash.update(data)
+                if self._hash is not None:
+                    self._hash.update(data)
                 write_all(self._fd, data)
         except OSError as e:
             self.error = e
@@ -182,7 +190,8 @@ class SpoolFile:
             piece = b"".join(self._pending)
             self._pending = []
             self._pending_size = 0
-            self._hash.update(piece)
+            if self._hash is not None:
+                self._hash.update(piece)
             self._unwritten = piece
             self._submitted = True
             return succeed(None)
@@ -191,11 +200,12 @@ class SpoolFile:
         self._tail.addBoth(lambda ignored: done.callback(None))
         return done
 
-    def hexdigest(self) -> str:
+    def hexdigest(self) -> str | None:
         """
-        The sha256 of everything written, as lowercase hex (after L{flush}).
+        The sha256 of everything written, as lowercase hex (after L{flush});
+        L{None} when the file was not hashed.
         """
-        return self._hash.hexdigest()
+        return None if self._hash is None else self._hash.hexdigest()
 
     def sync(self) -> None:
         """
@@ -241,7 +251,8 @@ class SpoolFile:
 class Spool:
     """
     Makes L{SpoolFile}s in one directory with one file mode, written by
-    C{run} (inline when L{None}) within one L{WriteBudget}.
+    C{run} (inline when L{None}) within one L{WriteBudget}, and hashed
+    unless C{hashed} is false.
     """
 
     def __init__(
@@ -250,17 +261,19 @@ class Spool:
         mode: int = 0o600,
         run: Runner | None = None,
         budget: WriteBudget | None = None,
+        hashed: bool = True,
     ) -> None:
         self.directory = directory
         self.mode = mode
         self.run = run
         self.budget = budget or WriteBudget()
+        self.hashed = hashed
 
     def open(self) -> SpoolFile:
         """
         A new, empty spool file.
         """
-        return SpoolFile(self.directory, self.mode, self.run, self.budget)
+        return SpoolFile(self.directory, self.mode, self.run, self.budget, self.hashed)
 
     def clean(self) -> int:
         """

@@ -303,14 +303,14 @@ class Store:
     def _same_content(self, path: str, spool: SpoolFile) -> bool | None:
         """
         Whether the regular file at C{path} (never followed if it is a
-        symbolic link) holds exactly what C{spool} holds; L{None} when there
-        is no file there (any more).
+        symbolic link) holds exactly what C{spool} holds (read back when it
+        was not hashed); L{None} when there is no file there (any more).
         """
         try:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode) or st.st_size != spool.size:
                 return False
-            return sha256_file(path) == spool.hexdigest()
+            return sha256_file(path) == (spool.hexdigest() or sha256_file(spool.path))
         except FileNotFoundError:
             return None
 

@@ -77,7 +77,7 @@ class Options(usage.Options):
         ["tls", None, "Turn TLS on with <path>/public_key and <path>/private_key (rest-server's layout)."],
         ["no-http2", None, "Do not offer HTTP/2 (ALPN h2) on TLS listeners."],
         ["no-auth", None, "Do not check passwords (no htpasswd file); with --tls-client-ca the certificate alone names the user."],
-        ["no-verify-upload", None, "Do not check that an upload's sha256 matches its name."],
+        ["no-verify-upload", None, "Do not hash uploads nor check that their sha256 matches their name."],
         ["group-accessible-repos", None, "Create files 0660 and directories 0770 instead of 0600/0700."],
         ["allow-repo-delete", None, "Allow DELETE of a whole repository."],
         ["append-only", None, "Allow creating but not deleting or replacing anything except locks."],

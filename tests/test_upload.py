@@ -133,6 +133,44 @@ async def test_different_reupload_is_403(tmp_path) -> None:
     assert server.spool_files() == []
 
 
+@ensure
+async def test_unverified_identical_reupload_is_recognised(tmp_path) -> None:
+    """
+    With --no-verify-upload (uploads are then not hashed as they come), a
+    retried upload of the same content under the same name is still
+    recognised as identical: 200, and the stored file is kept untouched.
+    """
+    server = make_server(str(tmp_path / "d"), verify_upload=False)
+    assert (await server.client.post("/r/?create=true")).code == 200
+    name = "e" * 64
+    path = server.layout.object_path(("r",), "data", name)
+    body = os.urandom(3 * PIECE + 5)
+    assert (await server.client.post(f"/r/data/{name}", body)).code == 200
+    before = os.stat(path)
+    assert (await server.client.post(f"/r/data/{name}", body)).code == 200
+    after = os.stat(path)
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert (await server.client.get(f"/r/data/{name}")).body == body
+    assert server.spool_files() == []
+
+
+def test_unhashed_spool_file_has_no_digest(tmp_path) -> None:
+    """
+    A spool made for unverified uploads writes every byte but computes no
+    sha256 (the CPU --no-verify-upload saves); a verifying one does.
+    """
+    body = os.urandom(SMALL_BODY + 7)
+    for hashed, digest in ((False, None), (True, name_of(body))):
+        spool = Spool(str(tmp_path), hashed=hashed).open()
+        spool.write(body)
+        spool.flush()
+        spool.sync()
+        assert spool.hexdigest() == digest
+        with open(spool.path, "rb") as f:
+            assert f.read() == body
+        spool.remove()
+
+
 class FullDiskSpoolFile(SpoolFile):
     """A spool file on a disk that fills up after C{room} bytes."""
 
