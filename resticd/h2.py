@@ -13,21 +13,21 @@ a backup server meets:
    the loop.
 
 L{ResticH2Connection} fixes both, and L{ResticChannel} makes the site use it
-when a client negotiates C{h2} by ALPN. It is also tuned for uploads: it
+when a client negotiates C{h2} by ALPN. It is also tuned. For uploads, it
 accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
-sends a pack in a few dozen frames, not hundreds), it does not build a hex
-dump of every DATA frame for h2's trace log, which is off, it sends several
-DATA frames per reactor iteration instead of one and hands them to the
-transport (TLS) in one write, it builds those frames itself from views of
-the response's data (h2 would copy each payload four times), and it keeps
-each stream's queued length instead of summing the queue on every write. A stream it resets itself (an
-answer that cannot be completed) ends its request, as a reset by the client
-does. All this leans on Twisted internals
+sends a pack in a few dozen frames, not hundreds) and it does not build a hex
+dump of every DATA frame for h2's trace log, which is off. For downloads, it
+sends several DATA frames per reactor iteration instead of one and hands them
+to the transport (TLS) in one write, it builds those frames itself around views
+of the response's data (h2 would copy each payload four times), and it keeps
+each stream's queued length instead of summing the queue on every write. A
+stream it resets itself (an answer that cannot be completed) ends its request,
+as a reset by the client does. All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
-flow-control and state attributes; setup.py pins the Twisted and h2
-versions they were tested with.
+flow-control and state attributes; setup.py pins the Twisted and h2 versions
+they were tested with.
 """
 
 from __future__ import annotations
@@ -182,11 +182,11 @@ class ResticH2Connection(H2Connection):
         by h2. Streams take turns as the priority tree says; the loop sleeps
         when every stream is blocked and waits while the transport is full.
         """
-        if not self._stillProducing:
-            return
         pieces: list[bytes | memoryview] = []
         try:
             for frame in range(FRAMES_PER_TURN):
+                if not self._stillProducing:
+                    return
                 try:
                     stream = next(self.priority)
                 except priority.DeadlockError:
