@@ -380,6 +380,7 @@ def test_manpage_sections() -> None:
         "ACCESS FILE",
         "PROTOCOL",
         "SIGNALS",
+        "ENVIRONMENT",
         "FILES",
         "EXIT STATUS",
         "EXAMPLES",
