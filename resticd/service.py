@@ -200,17 +200,15 @@ def keep_large_buffers(mmap_threshold: int = 4 << 20, trim_threshold: int = 16 <
     """
     Have glibc's allocator reuse the memory of large buffers (socket reads of
     up to 1 MiB, 256 KiB HTTP/2 frames, decrypted TLS batches) instead of
-    mapping fresh pages for many of them and handing the pages back when
-    they are freed: it maps each block above a threshold that starts at
-    128 KiB on its own, and trims its heap once little is free at its top,
-    and every fresh page costs a page fault and zeroing (a restic backup
-    over https takes 16-18 % less of the daemon's CPU time without them).
-    Blocks of up to
+    mapping fresh pages for many of them and handing the pages back when they
+    are freed: it maps each block above a threshold that starts at 128 KiB on
+    its own, and trims its heap once little is free at its top, and every
+    fresh page costs a page fault and zeroing (a restic backup over https
+    takes 16-18 % less of the daemon's CPU time without them). Blocks of up to
     C{mmap_threshold} then come from the heap, which keeps up to
-    C{trim_threshold} free at its top. Left as it is when the environment
-    sets either threshold already (C{GLIBC_TUNABLES},
-    C{MALLOC_MMAP_THRESHOLD_}, C{MALLOC_TRIM_THRESHOLD_}). Whether it was
-    applied (glibc only).
+    C{trim_threshold} free at its top. Left as it is when the environment sets
+    either threshold already (C{GLIBC_TUNABLES}, C{MALLOC_MMAP_THRESHOLD_},
+    C{MALLOC_TRIM_THRESHOLD_}). Whether it was applied (glibc only).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(name in tunables for name in ("mmap_threshold", "trim_threshold")) or any(
