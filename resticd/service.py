@@ -196,7 +196,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_large_buffers(mmap_threshold: int = 4 << 20, trim_threshold: int = 16 << 20) -> bool:
+def keep_large_buffers(mmap_threshold: int = 4 << 20, trim_threshold: int = 4 << 20) -> bool:
     """
     Have glibc's allocator reuse the memory of large buffers (socket reads of
     up to 1 MiB, 256 KiB HTTP/2 frames, decrypted TLS batches) instead of
@@ -204,8 +204,8 @@ def keep_large_buffers(mmap_threshold: int = 4 << 20, trim_threshold: int = 16 <
     are freed: it maps each block above a threshold that starts at 128 KiB on
     its own, and trims its heap once little is free at its top, and every
     fresh page costs a page fault and zeroing (a restic backup over https
-    takes 16-18 % less of the daemon's CPU time without them). Blocks of up to
-    C{mmap_threshold} then come from the heap, which keeps up to
+    takes about 12 % less of the daemon's CPU time without them). Blocks of up
+    to C{mmap_threshold} then come from the heap, which keeps up to
     C{trim_threshold} free at its top. Left as it is when the environment sets
     either threshold already (C{GLIBC_TUNABLES}, C{MALLOC_MMAP_THRESHOLD_},
     C{MALLOC_TRIM_THRESHOLD_}). Whether it was applied (glibc only).
