@@ -39,6 +39,7 @@ from .listing import content_type, format_entries, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
 from .ranges import parse_range
+from .reads import is_cached, pread_closing, read_cached, warm
 from .request import SpoolingRequest, abort, shrank
 from .sendfile import SendfileProducer, sendfile_transport
 from .store import Store
@@ -410,7 +411,9 @@ class StoredFile(TargetResource):
         """
         The object, or the one byte range asked for (206): small answers
         are read at once; larger ones are sent with C{sendfile(2)} on plain
-        sockets and by L{twisted.web.static}'s producers otherwise.
+        sockets and by L{twisted.web.static}'s producers otherwise. What is
+        not in the page cache is read by a worker thread first (see
+        L{resticd.reads}), so that the event loop never waits for the disk.
         """
         try:
             self.authorize(request)
@@ -438,22 +441,67 @@ class StoredFile(TargetResource):
             request.setResponseCode(PARTIAL_CONTENT)
             request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end, size))
         request.setHeader(b"content-length", b"%d" % length)
+        whole = wanted is None
         if length <= READ_SIZE:
             try:
-                data = os.pread(fd, length, start)
-            finally:
+                data = read_cached(fd, length, start)
+            except OSError:
                 os.close(fd)
-            if len(data) == length:
-                return data
-            shrank(request)
-            return server.NOT_DONE_YET
+                raise
+            if data is None:
+                # Not (all) in the page cache: a worker waits for the disk.
+                self.ctx.run(pread_closing, fd, length, start).addCallbacks(
+                    self._answer, self._failed, (request, length), errbackArgs=(request,)
+                )
+                return server.NOT_DONE_YET
+            os.close(fd)
+            return data
         file = os.fdopen(fd, "rb")
         transport = sendfile_transport(request)
         if transport is not None:
-            SendfileProducer(request, transport, file, start, length).start()
+            # Reads what is not cached a turn at a time.
+            SendfileProducer(request, transport, file, start, length, self.ctx.run).start()
+        elif is_cached(fd, start, length):
+            self._send(request, file, start, length, whole)
         else:
-            static_producer(request, file, start, length, wanted is None).start()
+            self.ctx.run(warm, fd, start, length).addCallbacks(
+                lambda _: self._send(request, file, start, length, whole), self._not_warmed, errbackArgs=(request, file)
+            )
         return server.NOT_DONE_YET
+
+    def _not_warmed(self, failure: Failure, request: server.Request, file: IO[bytes]) -> None:
+        file.close()
+        self._failed(failure, request)
+
+    def _answer(self, data: bytes, request: server.Request, length: int) -> None:
+        """
+        Answer C{request} with C{data}, read by a worker, unless it is gone.
+        """
+        if is_gone(request):
+            return
+        if len(data) != length:
+            shrank(request)
+            return
+        request.write(data)
+        request.finish()
+
+    def _send(self, request: server.Request, file: IO[bytes], start: int, length: int, whole: bool) -> None:
+        """
+        Send C{length} bytes of C{file} from C{start} as the answer to
+        C{request} with one of static's producers, unless it is gone (then
+        just close the file).
+        """
+        if is_gone(request):
+            file.close()
+            return
+        static_producer(request, file, start, length, whole).start()
+
+    def _failed(self, failure: Failure, request: server.Request) -> None:
+        """
+        A read in a worker failed (the disk): a 500 answer, logged once.
+        """
+        request.responseHeaders.removeHeader(b"content-range")
+        render_failure(request, failure)
 
     def render_POST(self, request: server.Request) -> int:
         return serve(request, self._upload(request))

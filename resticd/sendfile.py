@@ -6,6 +6,10 @@ Python. Used for answers larger than a MiB (whole objects and ranges) over
 HTTP/1.x without TLS; TLS and HTTP/2 keep L{twisted.web.static}'s producers,
 and smaller answers are read at once (see L{resticd.resources.StoredFile}).
 
+What of the object is not in the page cache is first read into it by a
+worker thread, a turn's worth at a time (the kernel reads ahead meanwhile),
+so that C{sendfile} never waits for the disk on the event loop.
+
 The producer writes straight to the socket, so it only does so when the
 transport's own buffer is empty (the response headers are sent first), and
 it waits for the socket to become writable by asking the transport to call
@@ -27,7 +31,12 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
+from .logs import logger
+from .reads import is_cached, warm
 from .request import abort, shrank
+from .threads import Runner
+
+log = logger(__name__)
 
 
 #: Bytes handed to one sendfile call; also what one reactor turn sends at
@@ -59,13 +68,25 @@ class SendfileProducer:
     """
 
     def __init__(
-        self, request: server.Request, transport: tcp.Connection, file: IO[bytes], start: int, length: int
+        self,
+        request: server.Request,
+        transport: tcp.Connection,
+        file: IO[bytes],
+        start: int,
+        length: int,
+        run: Runner,
     ) -> None:
         self.request = request
         self.transport: Any = transport
         self.file: IO[bytes] | None = file
         self.offset = start
         self.end = start + length
+        self.run = run
+        #: Up to where the file is known to be in the page cache.
+        self._cached_to = start
+        #: A worker is reading the file into the page cache.
+        self._warming = False
+        self._stopped = False
 
     def start(self) -> None:
         """
@@ -94,7 +115,7 @@ class SendfileProducer:
         t.startWriting()
 
     def resumeProducing(self) -> None:
-        if self.file is None:
+        if self.file is None or self._warming:
             return
         if self._buffered():
             self._wait_for_socket()
@@ -105,6 +126,11 @@ class SendfileProducer:
                 self._wait_for_socket()
                 return
             count = min(self.end - self.offset, TURN_BYTES)
+            if self._cached_to < self.offset + count:
+                if not is_cached(self.file.fileno(), self.offset, count):
+                    self._warm(count)
+                    return
+                self._cached_to = self.offset + count
             try:
                 n = os.sendfile(self.transport.fileno(), self.file.fileno(), self.offset, count)
             except BlockingIOError:
@@ -126,6 +152,34 @@ class SendfileProducer:
             self.request.sentLength += n
         self._done()
 
+    def _warm(self, count: int) -> None:
+        """
+        Have a worker read the next C{count} bytes into the page cache, then
+        go on.
+        """
+        assert self.file is not None
+        self._warming = True
+        upto = self.offset + count
+        self.run(warm, self.file.fileno(), self.offset, count).addCallbacks(
+            self._warmed, self._not_warmed, (upto,)
+        )
+
+    def _warmed(self, _: object, upto: int) -> None:
+        self._warming = False
+        if self._stopped:
+            self._close()
+            return
+        self._cached_to = upto
+        self.resumeProducing()
+
+    def _not_warmed(self, failure: Failure) -> None:
+        self._warming = False
+        if self._stopped:
+            self._close()
+            return
+        log.failure("reading {uri} failed", failure, uri=self.request.uri)
+        self._fail()
+
     def pauseProducing(self) -> None:
         # Nothing is written unless the transport resumes us.
         pass
@@ -137,6 +191,10 @@ class SendfileProducer:
         self._close()
 
     def _close(self) -> None:
+        self._stopped = True
+        if self._warming:
+            # The worker is reading it: closed when it is done.
+            return
         if self.file is not None:
             self.file.close()
             self.file = None

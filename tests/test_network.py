@@ -33,6 +33,7 @@ from h2.events import (
 from h2.exceptions import StreamClosedError
 
 from .daemon import Daemon, running, sha256_hex
+from .tools import evict
 
 pytestmark = pytest.mark.network
 
@@ -966,6 +967,37 @@ def test_http1_large_downloads_whole_ranged_pipelined_and_slow(tmp_path: Path) -
         assert read_bytes_metric(daemon) == sent
     logged = re.findall(r'"GET /big/data/\S+ HTTP/1.1" (\d+) (\d+)', access_log.read_text())
     assert [int(size) for _, size in logged] == [len(body), len(body), 1_000_000, len(body), 10, 10, len(body)]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["sendfile", "tls"])
+def test_objects_not_in_the_page_cache_come_back_whole(tmp_path: Path, tls: bool) -> None:
+    """
+    Objects whose bytes are not in the page cache (read by a worker thread
+    first) come back byte for byte, whole and as ranges large and small,
+    over plain HTTP/1.1 (sendfile) and TLS.
+    """
+    with running(tmp_path, tls=tls) as daemon:
+        ctx = tls_context(daemon.cert) if tls else None
+        conn = http1(daemon, ctx)
+        try:
+            body = os.urandom(12 * MIB + 5)
+            name = sha256_hex(body)
+            path = f"/cold/data/{name}"
+            assert call(conn, "POST", "/cold/?create=true")[0] == 200
+            assert call(conn, "POST", path, body)[0] == 200
+            stored = daemon.data / "cold" / "data" / name[:2] / name
+            for range_header, expected in [
+                (None, body),
+                ("bytes=0-", body),
+                ("bytes=5000000-9999999", body[5_000_000:10_000_000]),
+                ("bytes=7000000-7065535", body[7_000_000:7_065_536]),
+            ]:
+                evict(stored)
+                headers = {} if range_header is None else {"Range": range_header}
+                status, _, got = call(conn, "GET", path, None, **headers)
+                assert status == (200 if range_header is None else 206) and got == expected, range_header
+        finally:
+            conn.close()
 
 
 def read_until_cut(stream: io.RawIOBase, expected: int, truncate: Callable[[], None]) -> int:

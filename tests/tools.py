@@ -1,6 +1,7 @@
 """
 What several test modules share: the external programs the tests drive
-(required on CI, optional elsewhere), and bounded polling.
+(required on CI, optional elsewhere), bounded polling, and files taken out
+of the page cache.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -46,3 +48,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def evict(path: str | Path) -> None:
+    """
+    Drop the file's pages from the page cache (written out first: only
+    clean pages can be dropped).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
