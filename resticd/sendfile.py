@@ -7,8 +7,9 @@ HTTP/1.x without TLS; TLS and HTTP/2 keep L{twisted.web.static}'s producers,
 and smaller answers are read at once (see L{resticd.resources.StoredFile}).
 
 What of the object is not in the page cache is first read into it by a
-worker thread, a turn's worth at a time (the kernel reads ahead meanwhile),
-so that C{sendfile} never waits for the disk on the event loop.
+worker thread, a turn's worth at a time, and once that was needed, workers
+read ahead while the event loop sends: C{sendfile} never waits for the disk
+on the event loop.
 
 The producer writes straight to the socket, so it only does so when the
 transport's own buffer is empty (the response headers are sent first), and
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -37,11 +39,15 @@ from .request import abort, shrank
 from .threads import Runner
 
 log = logger(__name__)
+T = TypeVar("T")
 
 
 #: Bytes handed to one sendfile call; also what one reactor turn sends at
 #: most, so that other connections get their turn.
 TURN_BYTES = 4 << 20
+#: How far ahead of what is sent workers read an object that was not in
+#: the page cache.
+READ_AHEAD = 16 << 20
 
 
 def sendfile_transport(request: server.Request) -> tcp.Connection | None:
@@ -84,8 +90,14 @@ class SendfileProducer:
         self.run = run
         #: Up to where the file is known to be in the page cache.
         self._cached_to = start
-        #: A worker is reading the file into the page cache.
-        self._warming = False
+        #: Up to where workers have been asked to read the file ahead.
+        self._ahead_to = start
+        #: Some of the file was not cached: read each next turn ahead.
+        self._cold = False
+        #: Waiting for a worker to read the current turn.
+        self._waiting = False
+        #: Worker calls using the file (closed once they are done).
+        self._busy = 0
         self._stopped = False
 
     def start(self) -> None:
@@ -115,7 +127,7 @@ class SendfileProducer:
         t.startWriting()
 
     def resumeProducing(self) -> None:
-        if self.file is None or self._warming:
+        if self.file is None or self._waiting:
             return
         if self._buffered():
             self._wait_for_socket()
@@ -128,9 +140,16 @@ class SendfileProducer:
             count = min(self.end - self.offset, TURN_BYTES)
             if self._cached_to < self.offset + count:
                 if not is_cached(self.file.fileno(), self.offset, count):
-                    self._warm(count)
+                    self._cold = True
+                    self._waiting = True
+                    self._warm(self.offset, count).addCallbacks(
+                        self._warmed, self._not_warmed, (self.offset + count,)
+                    )
+                    self._read_ahead(self.offset + count)
                     return
                 self._cached_to = self.offset + count
+            if self._cold:
+                self._read_ahead(self.offset + count)
             try:
                 n = os.sendfile(self.transport.fileno(), self.file.fileno(), self.offset, count)
             except BlockingIOError:
@@ -152,30 +171,43 @@ class SendfileProducer:
             self.request.sentLength += n
         self._done()
 
-    def _warm(self, count: int) -> None:
+    def _warm(self, start: int, count: int) -> Deferred[None]:
         """
-        Have a worker read the next C{count} bytes into the page cache, then
-        go on.
+        Have a worker read C{count} bytes from C{start} into the page cache.
         """
         assert self.file is not None
-        self._warming = True
-        upto = self.offset + count
-        self.run(warm, self.file.fileno(), self.offset, count).addCallbacks(
-            self._warmed, self._not_warmed, (upto,)
-        )
+        self._busy += 1
+        self._ahead_to = max(self._ahead_to, start + count)
+        d: Deferred[None] = self.run(warm, self.file.fileno(), start, count)
+        return d.addBoth(self._let_go)
 
-    def _warmed(self, _: object, upto: int) -> None:
-        self._warming = False
+    def _let_go(self, result: T) -> T:
+        self._busy -= 1
         if self._stopped:
             self._close()
+        return result
+
+    def _read_ahead(self, start: int) -> None:
+        """
+        Keep workers reading up to L{READ_AHEAD} bytes beyond C{start}, in
+        calls of at least a turn (their errors show when those bytes are
+        sent).
+        """
+        ahead = min(start + READ_AHEAD, self.end)
+        start = max(start, self._ahead_to)
+        if ahead - start >= TURN_BYTES or (start < ahead == self.end):
+            self._warm(start, ahead - start).addErrback(lambda _: None)
+
+    def _warmed(self, _: object, upto: int) -> None:
+        self._waiting = False
+        if self._stopped:
             return
-        self._cached_to = upto
+        self._cached_to = max(self._cached_to, upto)
         self.resumeProducing()
 
     def _not_warmed(self, failure: Failure) -> None:
-        self._warming = False
+        self._waiting = False
         if self._stopped:
-            self._close()
             return
         log.failure("reading {uri} failed", failure, uri=self.request.uri)
         self._fail()
@@ -192,8 +224,8 @@ class SendfileProducer:
 
     def _close(self) -> None:
         self._stopped = True
-        if self._warming:
-            # The worker is reading it: closed when it is done.
+        if self._busy:
+            # A worker is reading it: closed when the last one is done.
             return
         if self.file is not None:
             self.file.close()

@@ -974,7 +974,8 @@ def test_objects_not_in_the_page_cache_come_back_whole(tmp_path: Path, tls: bool
     """
     Objects whose bytes are not in the page cache (read by a worker thread
     first) come back byte for byte, whole and as ranges large and small,
-    over plain HTTP/1.1 (sendfile) and TLS.
+    over plain HTTP/1.1 (sendfile) and TLS. A client that leaves in the
+    middle of such an answer leaves no open file behind.
     """
     with running(tmp_path, tls=tls) as daemon:
         ctx = tls_context(daemon.cert) if tls else None
@@ -998,6 +999,15 @@ def test_objects_not_in_the_page_cache_come_back_whole(tmp_path: Path, tls: bool
                 assert status == (200 if range_header is None else 206) and got == expected, range_header
         finally:
             conn.close()
+        evict(stored)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        raw.settimeout(TIMEOUT)
+        raw.connect((daemon.host, daemon.port))
+        with raw if ctx is None else ctx.wrap_socket(raw, server_hostname=daemon.host) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(64 * 1024).startswith(b"HTTP/1.1 200 ")
+        assert wait_no_fd(daemon, name) == []
 
 
 def read_until_cut(stream: io.RawIOBase, expected: int, truncate: Callable[[], None]) -> int:
