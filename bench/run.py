@@ -59,7 +59,7 @@ OBJECT_SIZE = 8 * MiB
 V2 = "application/vnd.x.restic.rest.v2"
 CLIENTS = 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-WORKLOADS = ("upload", "download", "range", "head", "small", "fsync", "restic")
+WORKLOADS = ("upload", "download", "cold", "range", "head", "small", "fsync", "restic")
 SERVERS = ("resticd", "rclone")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -726,6 +726,72 @@ def wl_download(server: Server, objects: BigObjects, count: int) -> tuple[Measur
     return run_clients(server, range(count), work)
 
 
+def evict_tree(root: Path) -> int:
+    """
+    Take every file under C{root} out of the page cache (written out first:
+    only clean pages can be dropped); how many files.
+    """
+    count = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            finally:
+                os.close(fd)
+    return count
+
+
+def wl_cold(server: Server, objects: BigObjects, count: int) -> tuple[Measure, Errors, int, list[float]]:
+    """
+    The download workload with none of the objects in the page cache, while
+    one more client sends a HEAD every 2 ms: how long others wait while the
+    server reads from the disk. The HEAD latencies come back too.
+    """
+    evict_tree(server.data)
+    latencies: list[float] = []
+    done = threading.Event()
+    probe_errors = Errors()
+
+    def probe() -> None:
+        client = server.client()
+        path = f"/r/data/{objects.names[0]}"
+        try:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                result = client.request("HEAD", path, ACCEPT)
+                latencies.append(time.perf_counter() - t0)
+                expect_status(probe_errors, "HEAD", path, result, (200,))
+                time.sleep(0.002)
+        except (OSError, HTTPFailure) as e:
+            probe_errors.add(f"HEAD during cold downloads: {type(e).__name__}: {e}")
+        finally:
+            client.close()
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        m, errors, reconnects = wl_download(server, objects, count)
+    finally:
+        done.set()
+        prober.join(30)
+    for item in probe_errors.items:
+        errors.add(item)
+    return m, errors, reconnects, latencies
+
+
+def percentile(values: Sequence[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
 def wl_range(server: Server, objects: BigObjects, available: int, count: int, seed: int) -> tuple[Measure, Errors, int]:
     rnd = random.Random(seed)
     items = []
@@ -1083,7 +1149,7 @@ def server_round(ctx: Context, kind: str, proto: str, rnd: int) -> None:
         server.start()
         ctx.samples.append(Sample("startup", kind, proto, rnd, server.startup))
         say(f"{label} serving {server.url} (first answer after {server.startup * 1000:.0f} ms)")
-        needs_objects = ctx.only & {"upload", "download", "range", "head"}
+        needs_objects = ctx.only & {"upload", "download", "cold", "range", "head"}
         uploaded = 0
         if needs_objects:
             create_repo(server, "r")
@@ -1108,6 +1174,15 @@ def server_round(ctx: Context, kind: str, proto: str, rnd: int) -> None:
             m, errors, rc = wl_download(server, ctx.objects, uploaded)
             s = sample_of("download", m, errors, uploaded * OBJECT_SIZE, rc)
             add(s, f"{uploaded * OBJECT_SIZE / MiB / m.elapsed:8.1f} MiB/s  cpu {fmt(s.cpu)} s, client cpu {m.client_cpu:.2f} s{m.noise_note()}")
+        if "cold" in ctx.only and ctx.objects is not None:
+            m, errors, rc, latencies = wl_cold(server, ctx.objects, uploaded)
+            s = sample_of("cold", m, errors, uploaded * OBJECT_SIZE, rc)
+            add(s, f"{uploaded * OBJECT_SIZE / MiB / m.elapsed:8.1f} MiB/s  cpu {fmt(s.cpu)} s, client cpu {m.client_cpu:.2f} s{m.noise_note()}")
+            p99 = percentile(latencies, 0.99)
+            s = Sample("cold_head", kind, proto, rnd, p99, 1, None, None, None if p99 is not None else "no HEAD answered")
+            s.extra["median"] = percentile(latencies, 0.5)
+            s.extra["count"] = len(latencies)
+            add(s, f"{(p99 or 0) * 1000:8.1f} ms  (99th percentile of {len(latencies)} HEADs; median {(s.extra['median'] or 0) * 1000:.1f} ms)")
         if "range" in ctx.only and ctx.objects is not None:
             n = ctx.sizes.range_requests
             m, errors, rc = wl_range(server, ctx.objects, uploaded, n, seed=rnd)
@@ -1200,6 +1275,8 @@ METRICS = [
     Metric("startup", "startup, first answer", "ms", "ms", ""),
     Metric("upload", "upload 8 MiB x8", "bytes", "MiB/s", "GiB"),
     Metric("download", "download 8 MiB x8", "bytes", "MiB/s", "GiB"),
+    Metric("cold", "cold download 8 MiB x8", "bytes", "MiB/s", "GiB"),
+    Metric("cold_head", "HEAD p99 during it", "ms", "ms", ""),
     Metric("range", "range 4-64 KiB x8", "req", "req/s", "1000"),
     Metric("head", "HEAD x8", "req", "req/s", "1000"),
     Metric("small", "small uploads x8", "req", "obj/s", "1000"),
@@ -1307,6 +1384,10 @@ def target(key: str, proto: str, row: dict[str, Any], fsync: dict[str, list[floa
                 cpu_ok = r["cpu_per_unit"] <= p["cpu_per_unit"]
             return f">=1.2x{mark(ratio >= 1.2)}; cpu<=peer{mark(cpu_ok)}"
         return f">=0.9x{mark(ratio >= 0.9)}"
+    if key == "cold":
+        return "(printed, not judged)"
+    if key == "cold_head":
+        return "<=50 ms" + mark(None if r["median"] is None else r["median"] <= 50)
     if key == "range":
         return f">=1.0x{mark(ratio >= 1.0)}"
     if key == "head":
@@ -1545,7 +1626,7 @@ def main(argv: Sequence[str]) -> int:
         objects = small = tree = None
         tree_files = tree_bytes = 0
         t = time.perf_counter()
-        if only & {"upload", "download", "range", "head"}:
+        if only & {"upload", "download", "cold", "range", "head"}:
             objects = BigObjects(sizes.upload_objects)
         if "small" in only:
             small = SmallObjects(sizes.small_objects)

@@ -39,7 +39,7 @@ from .listing import content_type, format_entries, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
 from .ranges import parse_range
-from .reads import is_cached, pread_closing, read_cached, warm
+from .reads import is_cached, pread_closing, read_cached, warm, warm_closing
 from .request import SpoolingRequest, abort, shrank
 from .sendfile import SendfileProducer, sendfile_transport
 from .store import Store
@@ -52,6 +52,10 @@ OCTET_STREAM = b"application/octet-stream"
 #: Bytes read from an object at a time when sending it over HTTP/1.1; also
 #: the largest answer read in one go.
 READ_SIZE = 1 << 20
+#: Of an object not in the page cache and sent through static's producers,
+#: what is read from the disk before the answer starts (the rest is read
+#: meanwhile).
+READ_AHEAD_FIRST = 4 << 20
 #: Opens a file only to look at it (Linux); a plain read-only open elsewhere.
 O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 
@@ -464,9 +468,14 @@ class StoredFile(TargetResource):
         elif is_cached(fd, start, length):
             self._send(request, file, start, length, whole)
         else:
-            self.ctx.run(warm, fd, start, length).addCallbacks(
+            # The first piece before the answer starts, the rest meanwhile
+            # (through a descriptor of its own, which the worker closes).
+            first = min(length, READ_AHEAD_FIRST)
+            self.ctx.run(warm, fd, start, first).addCallbacks(
                 lambda _: self._send(request, file, start, length, whole), self._not_warmed, errbackArgs=(request, file)
             )
+            if length > first:
+                self.ctx.run(warm_closing, os.dup(fd), start + first, length - first).addErrback(lambda _: None)
         return server.NOT_DONE_YET
 
     def _not_warmed(self, failure: Failure, request: server.Request, file: IO[bytes]) -> None:
