@@ -90,17 +90,6 @@ def warm(fd: int, offset: int, length: int) -> None:
         os.close(null)
 
 
-def warm_closing(fd: int, offset: int, length: int) -> None:
-    """
-    L{warm}, then close C{fd} (for a worker thread, which then owns the
-    descriptor).
-    """
-    try:
-        warm(fd, offset, length)
-    finally:
-        os.close(fd)
-
-
 def _read_through(fd: int, offset: int, end: int) -> None:
     scratch = bytearray(min(end - offset, PROBE_STEP))
     while offset < end:

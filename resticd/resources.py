@@ -39,7 +39,7 @@ from .listing import content_type, format_entries, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
 from .ranges import parse_range
-from .reads import is_cached, pread_closing, read_cached, warm, warm_closing
+from .reads import is_cached, pread_closing, read_cached, warm
 from .request import SpoolingRequest, abort, shrank
 from .sendfile import SendfileProducer, sendfile_transport
 from .store import Store
@@ -53,8 +53,8 @@ OCTET_STREAM = b"application/octet-stream"
 #: the largest answer read in one go.
 READ_SIZE = 1 << 20
 #: Of an object not in the page cache and sent through static's producers,
-#: what is read from the disk before the answer starts (the rest is read
-#: meanwhile).
+#: what is read from the disk before the answer starts; the rest is read
+#: meanwhile, this much per worker call.
 READ_AHEAD_FIRST = 4 << 20
 #: Opens a file only to look at it (Linux); a plain read-only open elsewhere.
 O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
@@ -471,12 +471,28 @@ class StoredFile(TargetResource):
             # The first piece before the answer starts, the rest meanwhile
             # (through a descriptor of its own, which the worker closes).
             first = min(length, READ_AHEAD_FIRST)
+            ahead = os.dup(fd)
             self.ctx.run(warm, fd, start, first).addCallbacks(
                 lambda _: self._send(request, file, start, length, whole), self._not_warmed, errbackArgs=(request, file)
             )
-            if length > first:
-                self.ctx.run(warm_closing, os.dup(fd), start + first, length - first).addErrback(lambda _: None)
+            self._read_ahead(request, ahead, start + first, start + length)
         return server.NOT_DONE_YET
+
+    def _read_ahead(self, request: server.Request, fd: int, offset: int, end: int) -> None:
+        """
+        Have workers read C{fd} from C{offset} to C{end} into the page cache
+        while C{request} is answered, L{READ_AHEAD_FIRST} bytes per call, so
+        that other work queued for the workers meanwhile gets its turn; stop
+        when the request is gone or a read fails (the answer then reads the
+        rest itself). C{fd} is this read's own, closed at the end.
+        """
+        if offset >= end or is_gone(request):
+            os.close(fd)
+            return
+        count = min(end - offset, READ_AHEAD_FIRST)
+        self.ctx.run(warm, fd, offset, count).addCallbacks(
+            lambda _: self._read_ahead(request, fd, offset + count, end), lambda _: os.close(fd)
+        )
 
     def _not_warmed(self, failure: Failure, request: server.Request, file: IO[bytes]) -> None:
         file.close()
