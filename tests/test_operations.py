@@ -507,7 +507,7 @@ def test_sighup_with_broken_certificate_keeps_the_old_one(tmp_path):
         daemon.wait_log(LOADED_CERT)
         assert server_certificate(daemon.port, bundle) == new.der
         refusals = [line for line in daemon.log().splitlines() if REFUSED_CERT in line]
-        assert {garbage, mismatch} == {reason for reason in (garbage, mismatch) for line in refusals if reason in line}
+        assert any(garbage in line for line in refusals) and any(mismatch in line for line in refusals), refusals
         assert all("keeping the previous one" in line for line in refusals), refusals
 
 

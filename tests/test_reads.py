@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,11 @@ def test_warm_stops_at_the_end_of_the_file(tmp_path: Path) -> None:
     path.write_bytes(b"x" * 1000)
     fd = os.open(path, os.O_RDONLY)
     try:
-        warm(fd, 0, 5 * MiB)
-        warm(fd, 2000, 10)
+        for offset, length in ((0, 5 * MiB), (2000, 10)):
+            worker = threading.Thread(target=warm, args=(fd, offset, length), daemon=True)
+            worker.start()
+            worker.join(10)
+            assert not worker.is_alive(), f"warm({offset}, {length}) did not return"
     finally:
         os.close(fd)
 
