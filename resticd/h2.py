@@ -50,6 +50,8 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtocol
 
+from .sockets import write_now
+
 #: The largest DATA frame resticd accepts (HTTP/2 allows up to 16 MiB - 1).
 MAX_FRAME_SIZE = 256 << 10
 #: Each upload stream may have this much data in flight.
@@ -422,21 +424,18 @@ class ResticHTTPChannel(HTTPChannel):
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        transport: Any = self.transport
         if self._holding:
             self._held = b"".join(parts)
         else:
-            transport.write(b"".join(parts))
+            write_now(self.transport, b"".join(parts))
 
     def write(self, data: bytes) -> None:
         held, self._held = self._held, None
-        transport: Any = self.transport
-        transport.write(data if held is None else held + data)
+        write_now(self.transport, data if held is None else held + data)
 
     def writeSequence(self, iovec: Any) -> None:
         held, self._held = self._held, None
-        transport: Any = self.transport
-        transport.writeSequence(iovec if held is None else [held, *iovec])
+        write_now(self.transport, b"".join(iovec if held is None else [held, *iovec]))
 
     def write_with_headers(self, write: Any, data: bytes) -> None:
         """
@@ -451,8 +450,7 @@ class ResticHTTPChannel(HTTPChannel):
             self._holding = False
             held, self._held = self._held, None
             if held is not None:  # no body went out after all
-                transport: Any = self.transport
-                transport.write(held)
+                write_now(self.transport, held)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self.answered:

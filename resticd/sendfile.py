@@ -36,6 +36,7 @@ from zope.interface import implementer
 from .logs import logger
 from .reads import is_cached, warm
 from .request import abort, shrank
+from .sockets import buffered
 from .threads import Runner
 
 log = logger(__name__)
@@ -113,10 +114,6 @@ class SendfileProducer:
             return
         self.resumeProducing()
 
-    def _buffered(self) -> bool:
-        t = self.transport
-        return bool(len(t.dataBuffer) - t.offset or t._tempDataLen)
-
     def _wait_for_socket(self) -> None:
         """
         Be resumed once the transport has flushed its buffer and the socket
@@ -129,7 +126,7 @@ class SendfileProducer:
     def resumeProducing(self) -> None:
         if self.file is None or self._waiting:
             return
-        if self._buffered():
+        if buffered(self.transport):
             self._wait_for_socket()
             return
         sent_this_turn = 0

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .logs import logger
+from .sockets import write_now
 
 log = logger(__name__)
 
@@ -243,7 +244,7 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
             except WantReadError:
                 break
         if pieces and self.transport is not None:
-            self.transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            write_now(self.transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _flushReceiveBIO(self) -> None:
         # twisted.protocols.tls.TLSMemoryBIOProtocol._flushReceiveBIO, with
