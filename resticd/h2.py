@@ -301,10 +301,15 @@ class ResticChannel(_GenericHTTPChannelProtocol):
 
     def makeConnection(self, transport: Any) -> None:
         # Read up to 1 MiB per system call (Twisted reads 64 KiB): uploads
-        # arrive in far fewer, larger pieces. With TLS the socket is below.
+        # arrive in far fewer, larger pieces; and send up to 1 MiB per call
+        # (Twisted sends 128 KiB), which also lets writes of up to 1 MiB
+        # (TLS output, answers) go out at once (resticd.sockets.write_now).
+        # With TLS the socket is below.
         for layer in (transport, getattr(transport, "transport", None)):
             if layer is not None and hasattr(layer, "bufferSize"):
                 layer.bufferSize = SOCKET_READ_SIZE
+            if layer is not None and hasattr(layer, "SEND_LIMIT"):
+                layer.SEND_LIMIT = SOCKET_READ_SIZE
         # The proxy hands makeConnection to the inner channel, which calls its
         # own connectionMade: note the connection here.
         super().makeConnection(transport)

@@ -26,13 +26,14 @@ def buffered(transport: Any) -> bool:
     return bool(len(transport.dataBuffer) - transport.offset or transport._tempDataLen)
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def write_now(transport: Any, data: bytes | memoryview) -> None:
     """
     Write C{data} to C{transport}: on a plain socket with nothing queued,
     send what the socket takes (up to the transport's C{SEND_LIMIT}) at
     once and queue the rest; otherwise (TLS or anything else above the
     socket, queued bytes, a closing connection, larger writes) queue it
-    all, as C{transport.write} does.
+    all, as C{transport.write} does. What is queued is copied when C{data}
+    is a memoryview, which may be reused once this returns.
     """
     if (
         isinstance(transport, tcp.Connection)
@@ -43,11 +44,11 @@ def write_now(transport: Any, data: bytes) -> None:
         and not getattr(transport, "TLS", False)
         and not buffered(transport)
     ):
-        sent = transport.writeSomeData(data)
+        sent = transport.writeSomeData(data)  # type: ignore[arg-type]  # (any buffer: it takes a memoryview of it)
         # A lost connection (an exception returned, not raised) is left to
         # the transport, which meets it again when it sends what is queued.
         if isinstance(sent, int) and sent > 0:
             if sent == len(data):
                 return
             data = data[sent:]
-    transport.write(data)
+    transport.write(data if isinstance(data, bytes) else bytes(data))

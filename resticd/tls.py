@@ -196,6 +196,33 @@ def whole_writes(connection: Any) -> None:
         clear(ssl, partial)
 
 
+class _Outbox:
+    """
+    The buffer encrypted bytes are read into from OpenSSL's memory BIOs
+    (through pyOpenSSL's bindings, within the pinned pyopenssl range).
+    """
+
+    def __init__(self, size: int) -> None:
+        from OpenSSL import _util
+
+        self._buffer = bytearray(size)
+        self.view = memoryview(self._buffer)
+        self._pointer = _util.ffi.from_buffer(self._buffer)
+        self._bio_read = _util.lib.BIO_read
+
+    def read(self, bio: Any) -> int:
+        """
+        Move what C{bio} holds, up to the buffer's size, into the buffer;
+        the count (0 or less when it was empty).
+        """
+        count: int = self._bio_read(bio, self._pointer, len(self._buffer))
+        return count
+
+
+#: Where encrypted output goes on its way to the socket.
+_out = _Outbox(WRITE_CHUNK + RECORD_OVERHEAD)
+
+
 class BatchingTLSProtocol(TLSMemoryBIOProtocol):
     """
     TLS that moves data in large pieces: everything decrypted from one
@@ -237,14 +264,18 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
             self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        pieces = []
+        # What OpenSSL encrypted is read out of its memory BIO into one
+        # buffer shared by all connections (the event loop runs one at a
+        # time) and sent from there; only what the socket does not take
+        # is copied, into the transport's queue. (pyOpenSSL's bio_read
+        # copies it into a fresh buffer and then into bytes.)
+        bio = self._tlsConnection._from_ssl
         while True:
-            try:
-                pieces.append(self._tlsConnection.bio_read(WRITE_CHUNK + RECORD_OVERHEAD))
-            except WantReadError:
+            count = _out.read(bio)
+            if count <= 0:
                 break
-        if pieces and self.transport is not None:
-            write_now(self.transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            if self.transport is not None:
+                write_now(self.transport, _out.view[:count])
 
     def _flushReceiveBIO(self) -> None:
         # twisted.protocols.tls.TLSMemoryBIOProtocol._flushReceiveBIO, with

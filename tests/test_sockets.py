@@ -109,6 +109,30 @@ def test_what_the_socket_cannot_take_is_queued_in_order(pair: tuple[tcp.Server, 
     assert received == data
 
 
+def test_a_buffer_reused_after_the_write_changes_nothing_sent(
+    pair: tuple[tcp.Server, socket.socket, MemoryReactor],
+) -> None:
+    """
+    Given a view of a buffer that is reused as soon as C{write_now}
+    returns (as the TLS layer does), what the socket could not take is
+    queued as a copy: the peer gets the bytes as they were when written.
+    """
+    transport, peer, _ = pair
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    buffer = bytearray(bytes(range(256)) * 400)
+    expected = bytes(buffer)
+    write_now(transport, memoryview(buffer))
+    assert buffered(transport)
+    buffer[:] = b"\0" * len(buffer)
+    received = drain(peer)
+    for _ in range(1000):
+        if not buffered(transport):
+            break
+        transport.doWrite()
+        received += drain(peer)
+    assert received == expected
+
+
 def test_large_writes_and_closing_connections_are_queued(pair: tuple[tcp.Server, socket.socket, MemoryReactor]) -> None:
     """
     A write over the transport's SEND_LIMIT is queued whole (sending part
@@ -184,6 +208,35 @@ def test_an_answer_leaves_in_the_turn_that_made_it(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 206 ")
         assert answer.endswith(body[100:16484])
         assert transport not in reactor.getWriters()
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_the_site_sends_up_to_a_mebibyte_per_system_call(tmp_path: Path) -> None:
+    """
+    On the site's connections a write of up to 1 MiB (a TLS layer's
+    encrypted output, a large answer) goes to the socket in one call when
+    the socket has room, not in Twisted's 128 KiB steps through its queue.
+    """
+    server = make_server(str(tmp_path))
+    reactor = MemoryReactor()
+    channel = server.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    assert channel is not None
+    transport, peer = transport_over(channel, reactor)
+    try:
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        data = b"y" * (512 << 10)
+        write_now(transport, data)
+        assert not buffered(transport)
+        assert transport not in reactor.getWriters()
+        peer.settimeout(10)
+        received = b""
+        while len(received) < len(data):
+            chunk = peer.recv(1 << 20)
+            assert chunk, "the peer got less than was sent"
+            received += chunk
+        assert received == data
     finally:
         transport.socket.close()
         peer.close()
