@@ -18,14 +18,14 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from resticd.reads import PROBE_STEP, _read_through, is_cached, read_cached, warm
 from resticd.threads import run_inline
 
 from .logcapture import LogCapture
-from .tools import evict
+from .tools import drain, evict, transport_over
 from .web import Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
@@ -318,3 +318,64 @@ async def test_a_read_that_fails_in_the_worker_is_a_server_error(tmp_path: Path,
 
 def _raise_eio() -> None:
     raise OSError(errno.EIO, "Input/output error")
+
+
+@ensure
+async def test_a_read_that_fails_in_the_middle_of_a_sendfile_answer_cuts_it(
+    tmp_path: Path, logged: LogCapture
+) -> None:
+    """
+    Over a plain socket (the C{sendfile} answer), a read error in a worker
+    once the answer has begun cuts the connection: the client gets a
+    200 with fewer bytes than its C{Content-Length} promised, all of them
+    right, never a made-up rest; the error is logged once and the object's
+    file is closed.
+    """
+    warms = []
+
+    def failing_after_the_first_turn(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if f.__name__ == "warm":
+            warms.append(args[1])
+            if len(warms) > 1:
+                return run_inline(_raise_eio)
+        return run_inline(f, *args)
+
+    server = make_server(str(tmp_path / "data"), run=failing_after_the_first_turn)
+    path, body, file = await stored_object(server, 12 * MiB)
+    evict(file)
+    reactor = MemoryReactorClock()
+    before = open_descriptors()
+    channel = server.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert channel is not None
+    transport, peer = transport_over(channel, reactor)
+    try:
+        channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        for _ in range(10_000):
+            reactor.advance(0)
+            if transport.disconnected:
+                break
+            if not received:
+                # The first turn is out: the page cache drops the object
+                # (memory pressure), so the next turn needs a worker.
+                evict(file)
+            received += drain(peer)
+            if transport in reactor.getWriters():
+                transport.doWrite()
+        assert transport.disconnected, "the connection was not cut"
+        peer.settimeout(5)
+        try:
+            while chunk := peer.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:  # cut with a reset: the rest is gone
+            pass
+    finally:
+        if hasattr(transport, "socket"):
+            transport.socket.close()
+        peer.close()
+    head, _, sent = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and f"Content-Length: {len(body)}".encode() in head
+    assert 0 < len(sent) < len(body) and sent == body[: len(sent)]
+    assert len(warms) >= 2
+    assert len([e for e in logged.events if e.get("log_failure") is not None]) == 1
+    assert open_descriptors() == before

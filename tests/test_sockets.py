@@ -20,39 +20,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
 from resticd.sockets import buffered, write_now
+from tests.tools import drain, transport_over
 from tests.web import make_server
-
-
-def transport_over(protocol: Protocol, reactor: MemoryReactor) -> tuple[tcp.Server, socket.socket]:
-    """
-    Twisted's socket transport over one end of a TCP connection on
-    127.0.0.1, connected to C{protocol}; the other end is returned for
-    reading.
-    """
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        theirs = socket.create_connection(listener.getsockname(), timeout=5)
-        ours, _ = listener.accept()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    transport = tcp.Server(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
-    protocol.makeConnection(transport)
-    return transport, theirs
-
-
-def drain(peer: socket.socket) -> bytes:
-    """
-    Everything the peer can read now.
-    """
-    chunks = []
-    while True:
-        try:
-            chunk = peer.recv(1 << 20)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.fixture
