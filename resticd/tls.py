@@ -196,31 +196,47 @@ def whole_writes(connection: Any) -> None:
         clear(ssl, partial)
 
 
-class _Outbox:
+class _Buffer:
     """
-    The buffer encrypted bytes are read into from OpenSSL's memory BIOs
-    (through pyOpenSSL's bindings, within the pinned pyopenssl range).
+    A buffer OpenSSL reads into directly, through pyOpenSSL's bindings
+    (within the pinned pyopenssl range): pyOpenSSL's own C{recv} and
+    C{bio_read} read into a fresh buffer each time and copy it into
+    C{bytes}. One per direction serves every connection: the event loop
+    handles one at a time, and what is read is sent or copied before
+    anything else runs.
     """
 
     def __init__(self, size: int) -> None:
         from OpenSSL import _util
 
+        self.size = size
         self._buffer = bytearray(size)
         self.view = memoryview(self._buffer)
         self._pointer = _util.ffi.from_buffer(self._buffer)
         self._bio_read = _util.lib.BIO_read
+        self._ssl_read = _util.lib.SSL_read
 
-    def read(self, bio: Any) -> int:
+    def read_bio(self, bio: Any) -> int:
         """
-        Move what C{bio} holds, up to the buffer's size, into the buffer;
-        the count (0 or less when it was empty).
+        Move what the memory BIO C{bio} holds, up to the buffer's size, into
+        the buffer; the count (0 or less when it was empty).
         """
-        count: int = self._bio_read(bio, self._pointer, len(self._buffer))
+        count: int = self._bio_read(bio, self._pointer, self.size)
         return count
+
+    def read_ssl(self, ssl: Any, offset: int, count: int) -> int:
+        """
+        Decrypt up to C{count} bytes (at most one record) from the TLS
+        connection C{ssl} into the buffer at C{offset}; C{SSL_read}'s result.
+        """
+        result: int = self._ssl_read(ssl, self._pointer + offset, count)
+        return result
 
 
 #: Where encrypted output goes on its way to the socket.
-_out = _Outbox(WRITE_CHUNK + RECORD_OVERHEAD)
+_out = _Buffer(WRITE_CHUNK + RECORD_OVERHEAD)
+#: Where decrypted input is gathered on its way to the protocol above.
+_in = _Buffer(BATCH + RECORD_READ)
 
 
 class BatchingTLSProtocol(TLSMemoryBIOProtocol):
@@ -271,7 +287,7 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
         # copies it into a fresh buffer and then into bytes.)
         bio = self._tlsConnection._from_ssl
         while True:
-            count = _out.read(bio)
+            count = _out.read_bio(bio)
             if count <= 0:
                 break
             if self.transport is not None:
@@ -279,35 +295,45 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushReceiveBIO(self) -> None:
         # twisted.protocols.tls.TLSMemoryBIOProtocol._flushReceiveBIO, with
-        # the records gathered before they are delivered.
-        batch: list[bytes] = []
+        # the records decrypted one after the other into one buffer and
+        # delivered together, copied once (pyOpenSSL's recv copies each
+        # record twice, and joining them would copy them again).
+        connection = self._tlsConnection
+        ssl = connection._ssl
         size = 0
         while not self._lostTLSConnection:
+            result = _in.read_ssl(ssl, size, RECORD_READ)
+            if result > 0:
+                size += result
+                if size >= BATCH:
+                    self._deliver(size)
+                    size = 0
+                continue
             try:
-                data = self._tlsConnection.recv(RECORD_READ)
+                connection._raise_ssl_error(ssl, result)
             except WantReadError:
                 break
             except ZeroReturnError:
-                self._deliver(batch)
-                batch, size = [], 0
+                self._deliver(size)
+                size = 0
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except OpenSSLError:
-                self._deliver(batch)
-                batch, size = [], 0
+                self._deliver(size)
+                size = 0
                 self._tlsShutdownFinished(Failure())
             else:
-                batch.append(data)
-                size += len(data)
-                if size >= BATCH:
-                    self._deliver(batch)
-                    batch, size = [], 0
-        self._deliver(batch)
+                break
+        self._deliver(size)
         self._flushSendBIO()
 
-    def _deliver(self, batch: list[bytes]) -> None:
-        if batch and not self._aborted:
-            ProtocolWrapper.dataReceived(self, batch[0] if len(batch) == 1 else b"".join(batch))
+    def _deliver(self, size: int) -> None:
+        """
+        Hand the first C{size} bytes of the input buffer to the protocol
+        above, as a copy (the buffer is reused at once).
+        """
+        if size and not self._aborted:
+            ProtocolWrapper.dataReceived(self, bytes(_in.view[:size]))
 
 
 class BatchingTLSFactory(TLSMemoryBIOFactory):

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -134,3 +135,24 @@ def test_a_large_write_is_encrypted_a_chunk_per_call(tmp_path: Path) -> None:
     pump.flush()  # type: ignore[attr-defined]
     assert counting.sends == 4
     assert b"".join(client.chunks) == body
+
+
+def test_a_damaged_record_ends_the_connection_after_what_came_before(tmp_path: Path) -> None:
+    """
+    Records decrypted before a damaged one (its MAC does not check) reach
+    the protocol intact; the damaged record ends the connection with an
+    error, and nothing it held is delivered.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    assert client.transport is not None
+    body = os.urandom(1 << 17)  # large enough to be encrypted at once
+    client.transport.write(body)
+    sent: bytes = pump.clientIO.getOutBuffer()  # type: ignore[attr-defined]
+    # An application-data record of 64 bytes that no key produced.
+    damaged = b"\x17\x03\x03\x00\x40" + os.urandom(64)
+    tls: Any = server.transport
+    tls.dataReceived(sent + damaged)
+    pump.flush()  # type: ignore[attr-defined]
+    assert b"".join(server.chunks) == body
+    assert server.lost is not None
+    assert server.lost.check(SSL.Error) is not None, server.lost
