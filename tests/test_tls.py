@@ -1,22 +1,28 @@
 """
-The server's TLS layer in memory: what it hands the HTTP layers above it.
+The server's TLS layer: what it hands the HTTP layers above it and what it
+sends, in memory and once over a real TCP connection on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 
 from resticd.certs import write_self_signed
 from resticd.tls import BatchingTLSFactory, ReloadingTLS
+from tests.tools import transport_over
 
 
 class Recorder(Protocol):
@@ -156,3 +162,58 @@ def test_a_damaged_record_ends_the_connection_after_what_came_before(tmp_path: P
     assert b"".join(server.chunks) == body
     assert server.lost is not None
     assert server.lost.check(SSL.Error) is not None, server.lost
+
+
+def test_a_large_answer_reaches_a_real_socket_intact_when_it_fills(tmp_path: Path) -> None:
+    """
+    Over a real TCP connection whose send buffer is small, several MiB
+    written through the TLS layer reach a TLS client intact and in order:
+    what the socket takes leaves at once, and the rest waits in the
+    transport's queue as a copy, while the buffer the encrypted bytes came
+    from is reused for the records after them.
+    """
+    cert, key = write_self_signed(str(tmp_path))
+    server = Recorder()
+    factory = BatchingTLSFactory(ReloadingTLS(cert, key), False, Factory.forProtocol(lambda: server))
+    reactor = MemoryReactor()
+    transport, peer = transport_over(factory.buildProtocol(None), reactor)
+    transport.SEND_LIMIT = 1 << 20  # as on the site's connections
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    context = ssl.create_default_context(cafile=cert)
+    client = context.wrap_socket(peer, server_hostname="localhost", do_handshake_on_connect=False)
+    deadline = time.monotonic() + 20
+
+    def pump() -> None:
+        assert time.monotonic() < deadline, "the exchange did not finish in time"
+        if transport in reactor.getReaders():
+            transport.doRead()
+        if transport in reactor.getWriters():
+            transport.doWrite()
+
+    try:
+        while True:
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        tls: Any = server.transport
+        while not tls._handshakeDone:  # the client's last handshake message
+            pump()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        body = os.urandom(5 * (1 << 20) + 99)
+        tls.write(body)
+        assert transport in reactor.getWriters(), "the socket took it all: nothing was queued"
+        received = bytearray()
+        while len(received) < len(body):
+            try:
+                chunk = client.recv(1 << 20)
+            except ssl.SSLWantReadError:
+                pump()
+                continue
+            assert chunk, "the connection ended early"
+            received += chunk
+        assert received == body
+    finally:
+        client.close()
+        transport.socket.close()
