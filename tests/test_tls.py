@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 
 from resticd.certs import write_self_signed
+from resticd.h2 import SOCKET_READ_SIZE
 from resticd.tls import BatchingTLSFactory, ReloadingTLS
 from tests.tools import transport_over
 
@@ -177,7 +178,7 @@ def test_a_large_answer_reaches_a_real_socket_intact_when_it_fills(tmp_path: Pat
     factory = BatchingTLSFactory(ReloadingTLS(cert, key), False, Factory.forProtocol(lambda: server))
     reactor = MemoryReactor()
     transport, peer = transport_over(factory.buildProtocol(None), reactor)
-    transport.SEND_LIMIT = 1 << 20  # as on the site's connections
+    transport.SEND_LIMIT = SOCKET_READ_SIZE  # as on the site's connections
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
     context = ssl.create_default_context(cafile=cert)
     client = context.wrap_socket(peer, server_hostname="localhost", do_handshake_on_connect=False)
