@@ -322,7 +322,7 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
                 self._deliver(size)
                 size = 0
                 self._tlsShutdownFinished(Failure())
-            else:
+            else:  # no error for a read that returned nothing: nothing more
                 break
         self._deliver(size)
         self._flushSendBIO()

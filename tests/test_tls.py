@@ -6,6 +6,7 @@ sends, in memory and once over a real TCP connection on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import ssl
 import time
@@ -186,6 +187,8 @@ def test_a_large_answer_reaches_a_real_socket_intact_when_it_fills(tmp_path: Pat
 
     def pump() -> None:
         assert time.monotonic() < deadline, "the exchange did not finish in time"
+        writing = transport in reactor.getWriters()
+        select.select([transport.socket, client], [transport.socket] if writing else [], [], 0.1)
         if transport in reactor.getReaders():
             transport.doRead()
         if transport in reactor.getWriters():
