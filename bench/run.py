@@ -1494,6 +1494,18 @@ def free_page_reporting() -> str:
     return f"likely (virtio balloon; free blocks of {4 << reporting_order} KiB and more are reported)"
 
 
+def server_openssl() -> str:
+    """The OpenSSL that resticd's TLS runs on: pyOpenSSL's, which is the one
+    bundled with the cryptography wheel, not necessarily the system's that
+    Python's ssl module (the benchmark's client) uses."""
+    try:
+        from OpenSSL import SSL
+
+        return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except Exception:
+        return "?"
+
+
 def environment(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import resticd
     import twisted
@@ -1533,7 +1545,8 @@ def environment(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "pyopenssl": versions["OpenSSL"],
         "h2": versions["h2"],
         "cryptography": versions["cryptography"],
-        "openssl": ssl.OPENSSL_VERSION,
+        "openssl_resticd": server_openssl(),
+        "openssl_client": ssl.OPENSSL_VERSION,
         "rclone": command_version([args.rclone, "version"]),
         "restic": command_version([args.restic, "version"]),
         "data_filesystem": fs,
