@@ -28,6 +28,7 @@ from .config import Config
 from .errors import ErrorResource, Forbidden, NotFound
 from .health import Health, readiness_problems
 from .logs import RequestLogger, describe_address, logger, set_debug
+from .memory import IDLE_TRIM_INTERVAL, IdleTrim, heap_trimmer, keep_large_buffers
 from .paths import Layout, Target
 from .request import RequestLimits, SpoolingRequest
 from .resources import Context, RepoResource
@@ -191,40 +192,6 @@ def raise_open_files_limit() -> None:
         log.warn("cannot raise the open files limit: {why}", why=e)
 
 
-#: glibc's mallopt(3) parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def keep_large_buffers(mmap_threshold: int = 4 << 20, trim_threshold: int = 4 << 20) -> bool:
-    """
-    Have glibc's allocator reuse the memory of large buffers (socket reads of
-    up to 1 MiB, 256 KiB HTTP/2 frames, decrypted TLS batches) instead of
-    mapping fresh pages for many of them and handing the pages back when they
-    are freed: it maps each block above a threshold that starts at 128 KiB on
-    its own, and trims its heap once little is free at its top, and every
-    fresh page costs a page fault and zeroing (a restic backup over https
-    takes about 12 % less of the daemon's CPU time without them). Blocks of up
-    to C{mmap_threshold} then come from the heap, which keeps up to
-    C{trim_threshold} free at its top. Left as it is when the environment sets
-    either threshold already (C{GLIBC_TUNABLES}, C{MALLOC_MMAP_THRESHOLD_},
-    C{MALLOC_TRIM_THRESHOLD_}). Whether it was applied (glibc only).
-    """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if any(name in tunables for name in ("mmap_threshold", "trim_threshold")) or any(
-        name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-    ):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-
-
 class InFlight:
     """
     Counts the requests being received or answered; L{drained} fires when
@@ -233,10 +200,13 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+        #: Requests started since the daemon did.
+        self.started_total = 0
         self._waiting: list[Deferred[None]] = []
 
     def started(self, request: SpoolingRequest) -> None:
         self.count += 1
+        self.started_total += 1
 
     def finished(self, request: SpoolingRequest, completed: bool) -> None:
         self.count -= 1
@@ -307,6 +277,11 @@ class ResticdService(service.MultiService):
         self.tls: ReloadingTLS | None = None
         self.in_flight = InFlight()
         self.site.observers.append(self.in_flight)
+        trim = heap_trimmer()
+        if trim is not None:
+            idle = internet.TimerService(IDLE_TRIM_INTERVAL, IdleTrim(self.in_flight, self.run, trim).check)
+            idle.clock = reactor
+            idle.setServiceParent(self)
         self.ports: list[IListeningPort] = []
         self._prepared = False
         self._previous_sighup: Any = None

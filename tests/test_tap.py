@@ -853,44 +853,6 @@ def test_password_hash_library_loaded_only_with_an_htpasswd_file(tmp_path: Path)
     assert module_loaded_by_daemon("passlib", f"htpasswd_file={str(htpasswd)!r}", read_file)
 
 
-HEAP_CHECK = (
-    "import ctypes, os\n"
-    "from resticd.service import keep_large_buffers\n"
-    "applied = keep_large_buffers()\n"
-    "buffer = bytearray(3 << 20)\n"
-    "address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))\n"
-    "heap = [line.split()[0] for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]')]\n"
-    "start, end = (int(x, 16) for x in heap[0].split('-')) if heap else (0, 0)\n"
-    "print(applied, start <= address < end)\n"
-)
-
-
-def test_large_buffers_come_from_the_reusable_heap() -> None:
-    """
-    At startup the daemon has glibc keep buffers of a few MiB (socket reads,
-    HTTP/2 frames) on its heap, where freed memory is reused, instead of
-    mapping fresh pages for each one (each costing a page fault); without
-    that, such a buffer gets its own mapping.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    tuned = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True, timeout=60, env=env)
-    assert tuned.stdout.split() == ["True", "True"], tuned.stdout + tuned.stderr
-    untuned = HEAP_CHECK.replace("applied = keep_large_buffers()", "applied = False")
-    plain = subprocess.run([sys.executable, "-c", untuned], capture_output=True, text=True, timeout=60, env=env)
-    assert plain.stdout.split() == ["False", "False"], plain.stdout + plain.stderr
-
-
-def test_allocator_tuning_of_the_environment_is_kept() -> None:
-    """
-    An administrator's own setting of glibc's thresholds (in GLIBC_TUNABLES
-    or MALLOC_*_THRESHOLD_) is left alone.
-    """
-    for name, value in (("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576"), ("MALLOC_MMAP_THRESHOLD_", "1048576")):
-        env = dict(os.environ, **{name: value})
-        result = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True, timeout=60, env=env)
-        assert result.stdout.split()[0] == "False", result.stdout + result.stderr
-
-
 def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
     """
     At startup the daemon raises its soft limit on open files to the hard

@@ -1,0 +1,318 @@
+"""
+How the daemon uses memory: glibc's allocator keeps the large buffers of a
+busy moment for the next one, and hands their memory back to the system
+once the daemon is idle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import LogLevel
+
+from resticd.memory import IDLE_TRIM_INTERVAL, IdleTrim, heap_trimmer
+from resticd.threads import run_inline
+
+from .daemon import running
+from .logcapture import LogCapture
+from .tools import wait_for
+
+MIB = 1 << 20
+
+HEAP_CHECK = (
+    "import ctypes, os\n"
+    "from resticd.memory import keep_large_buffers\n"
+    "applied = keep_large_buffers()\n"
+    "buffer = bytearray(3 << 20)\n"
+    "address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))\n"
+    "heap = [line.split()[0] for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]')]\n"
+    "start, end = (int(x, 16) for x in heap[0].split('-')) if heap else (0, 0)\n"
+    "print(applied, start <= address < end)\n"
+)
+
+
+def untuned_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
+def test_large_buffers_come_from_the_reusable_heap() -> None:
+    """
+    At startup the daemon has glibc keep buffers of a few MiB (socket reads,
+    HTTP/2 frames) on its heap, where freed memory is reused, instead of
+    mapping fresh pages for each one (each costing a page fault); without
+    that, such a buffer gets its own mapping.
+    """
+    env = untuned_environment()
+    tuned = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True, timeout=60, env=env)
+    assert tuned.stdout.split() == ["True", "True"], tuned.stdout + tuned.stderr
+    untuned = HEAP_CHECK.replace("applied = keep_large_buffers()", "applied = False")
+    plain = subprocess.run([sys.executable, "-c", untuned], capture_output=True, text=True, timeout=60, env=env)
+    assert plain.stdout.split() == ["False", "False"], plain.stdout + plain.stderr
+
+
+def test_allocator_tuning_of_the_environment_is_kept() -> None:
+    """
+    An administrator's own setting of glibc's thresholds (in GLIBC_TUNABLES
+    or MALLOC_*_THRESHOLD_) is left alone.
+    """
+    for name, value in (("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576"), ("MALLOC_MMAP_THRESHOLD_", "1048576")):
+        env = dict(os.environ, **{name: value})
+        result = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True, timeout=60, env=env)
+        assert result.stdout.split()[0] == "False", result.stdout + result.stderr
+
+
+TRIM_CHECK = (
+    "import ctypes\n"
+    "from resticd.memory import heap_trimmer, keep_large_buffers\n"
+    "assert keep_large_buffers()\n"
+    "libc = ctypes.CDLL(None)\n"
+    "libc.malloc.restype = ctypes.c_void_p\n"
+    "libc.malloc.argtypes = [ctypes.c_size_t]\n"
+    "libc.free.argtypes = [ctypes.c_void_p]\n"
+    "def rss():\n"
+    "    return next(int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmRSS:'))\n"
+    "start = rss()\n"
+    # 1 MiB blocks, each below a block that stays: freed, they are in the
+    # middle of the heap, which cannot shrink past the blocks still in use.
+    "big = []\n"
+    "kept = []\n"
+    "for _ in range(64):\n"
+    "    block = libc.malloc(1 << 20)\n"
+    "    ctypes.memset(block, 1, 1 << 20)\n"
+    "    big.append(block)\n"
+    "    kept.append(libc.malloc(256 << 10))\n"
+    "for block in big:\n"
+    "    libc.free(block)\n"
+    "freed = rss()\n"
+    "trim = heap_trimmer()\n"
+    "released = trim()\n"
+    "print(start, freed, rss(), released)\n"
+)
+
+
+def test_a_trim_hands_free_memory_in_the_middle_of_the_heap_back() -> None:
+    """
+    Free memory the heap cannot give back by shrinking (64 MiB of freed
+    blocks below blocks still in use) stays resident until the trim, and
+    goes back to the system with it.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", TRIM_CHECK], capture_output=True, text=True, timeout=60, env=untuned_environment()
+    )
+    start, freed, trimmed, released = result.stdout.split()
+    assert int(freed) - int(start) >= 48, result.stdout
+    assert int(trimmed) - int(start) <= 8, result.stdout
+    assert released == "True", result.stdout
+
+
+@dataclass
+class Activity:
+    count: int = 0
+    started_total: int = 0
+
+    def request(self) -> None:
+        """One request that starts and ends between two checks."""
+        self.started_total += 1
+
+
+class Trims:
+    """
+    A stand-in for the heap trim: counts calls; raises when C{broken}.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.broken = False
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.broken:
+            raise OSError("trim broke")
+        return True
+
+
+def test_an_idle_daemon_trims_once_after_a_quiet_interval() -> None:
+    """
+    After some requests, the first check that finds none in flight and none
+    started since the check before trims the heap, once; further quiet
+    checks do not trim again, and an idle daemon that served nothing never
+    trims.
+    """
+    activity, trims = Activity(), Trims()
+    idle = IdleTrim(activity, run_inline, trims)
+    idle.check()
+    idle.check()
+    assert trims.calls == 0
+    activity.request()
+    idle.check()  # requests came since the previous check
+    assert trims.calls == 0
+    idle.check()  # a quiet interval
+    assert trims.calls == 1
+    idle.check()
+    idle.check()
+    assert trims.calls == 1
+    activity.request()
+    idle.check()
+    idle.check()
+    assert trims.calls == 2
+
+
+def test_no_trim_while_a_request_is_in_flight_or_requests_keep_coming() -> None:
+    """
+    A long request in flight (a big upload) keeps the heap as it is, however
+    long it lasts, and so do requests that start between every two checks.
+    """
+    activity, trims = Activity(), Trims()
+    idle = IdleTrim(activity, run_inline, trims)
+    activity.started_total += 1
+    activity.count = 1
+    for _ in range(5):
+        idle.check()
+    assert trims.calls == 0
+    activity.count = 0
+    for _ in range(5):
+        activity.request()
+        idle.check()
+    assert trims.calls == 0
+    idle.check()
+    assert trims.calls == 1
+
+
+def test_a_trim_under_way_is_not_started_again() -> None:
+    """
+    While a trim still runs in its worker thread, a later quiet check after
+    new requests does not start a second one beside it.
+    """
+    activity, trims = Activity(), Trims()
+    pending: list[Deferred[Any]] = []
+
+    def run_later(f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d
+
+    idle = IdleTrim(activity, run_later, trims)
+    activity.request()
+    idle.check()
+    idle.check()
+    assert len(pending) == 1
+    activity.request()
+    idle.check()
+    idle.check()
+    assert len(pending) == 1
+    pending[0].callback(True)
+    activity.request()
+    idle.check()
+    idle.check()
+    assert len(pending) == 2
+
+
+def test_a_failing_trim_is_logged_and_later_ones_still_run(logged: LogCapture) -> None:
+    """
+    A trim that fails is logged once, as an error, and the next idle moment
+    trims again.
+    """
+    activity, trims = Activity(), Trims()
+    trims.broken = True
+    idle = IdleTrim(activity, run_inline, trims)
+    activity.request()
+    idle.check()
+    idle.check()
+    failures = [t for t in logged.texts(LogLevel.critical) if "memory back" in t]
+    assert len(failures) == 1, logged.texts()
+    trims.broken = False
+    activity.request()
+    idle.check()
+    idle.check()
+    assert trims.calls == 2
+
+
+def test_a_trim_runs_through_the_runner() -> None:
+    """
+    The trim (which takes the allocator's locks) runs through the runner it
+    was given (the worker threads in the daemon), not on the caller's thread
+    directly.
+    """
+    activity, trims = Activity(), Trims()
+    ran: list[Any] = []
+
+    def runner(f: Any, *args: Any) -> Deferred[Any]:
+        ran.append(f)
+        try:
+            return succeed(f(*args))
+        except Exception:
+            return fail()
+
+    idle = IdleTrim(activity, runner, trims)
+    activity.request()
+    idle.check()
+    idle.check()
+    assert ran == [trims] and trims.calls == 1
+
+
+def test_heap_trimmer_is_found_on_glibc() -> None:
+    """
+    On glibc (Linux, where the daemon runs and CI runs) the trim is there.
+    """
+    assert heap_trimmer() is not None
+
+
+def resident_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path: Path) -> None:
+    """
+    A burst of concurrent 8 MiB uploads leaves the allocator holding memory
+    for the next one (the daemon's resident size grows by some 20 MiB);
+    within a few seconds of the last request it is handed back, and the
+    resident size returns to about what it was before the burst.
+    """
+    bodies = [os.urandom(8 * MIB) for _ in range(4)]
+    objects = []
+    for i in range(32):
+        body = bodies[i % 4][:-8] + i.to_bytes(8, "big")
+        objects.append((hashlib.sha256(body).hexdigest(), body))
+    with running(tmp_path, tls=False) as daemon:
+        pid = daemon.process.pid
+
+        def conn() -> http.client.HTTPConnection:
+            return http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
+
+        c = conn()
+        c.request("POST", "/r/?create=true")
+        assert c.getresponse().status == 200
+        c.close()
+        before = resident_mib(pid)
+
+        def upload(share: int) -> None:
+            c = conn()
+            for name, body in objects[share::8]:
+                c.request("POST", f"/r/data/{name}", body=body)
+                response = c.getresponse()
+                response.read()
+                assert response.status == 200
+            c.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(upload, range(8)))
+        after_burst = resident_mib(pid)
+        assert after_burst - before >= 10, (before, after_burst)
+        assert wait_for(lambda: resident_mib(pid) - before <= 5, 3 * IDLE_TRIM_INTERVAL), (
+            before,
+            after_burst,
+            resident_mib(pid),
+        )
