@@ -14,7 +14,7 @@ import platform
 from collections.abc import Callable, Iterator
 
 import twisted
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.interfaces import IReactorTime
@@ -126,6 +126,9 @@ class Metrics:
         )
         build.labels(__version__, twisted.__version__, platform.python_version()).set(1)
         registry.register(_StateCollector(self))
+        # process_resident_memory_bytes, process_cpu_seconds_total,
+        # process_open_fds, ...: what rest-server's Go client exports too.
+        ProcessCollector(registry=registry)
         self._lag = LoopingCall(self._sample_lag)
         self._lag.clock = clock
         self._expected: float | None = None

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import ssl
 import subprocess
@@ -403,6 +404,25 @@ async def test_metrics_without_login(tmp_path):
     # Without TLS there is no certificate to expire (and nothing to alert on).
     assert not any(name.startswith("resticd_tls_certificate_expiry") for name, _ in m)
     assert (await server.client.get("/alice/config")).code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_process_metrics_describe_the_daemon_process(tmp_path):
+    """
+    /metrics carries the standard process metrics rest-server's dashboards
+    use (as Go's client exports them): the resident memory, CPU time, open
+    file descriptors and their limit, and the start time, of the process
+    serving the page.
+    """
+    server = auth_metrics_server(tmp_path, prometheus=True, prometheus_no_auth=True)
+    m = await scrape(server.client)
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    assert 0.5 * rss <= total(m, "process_resident_memory_bytes") <= 2 * rss
+    assert total(m, "process_cpu_seconds_total") > 0
+    assert 3 <= total(m, "process_open_fds") <= len(os.listdir("/proc/self/fd")) + 8
+    assert total(m, "process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert abs(total(m, "process_start_time_seconds") - time.time()) < 24 * 3600
 
 
 @pytest_twisted.ensureDeferred
