@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""
+Where resticd spends its time on one workload, run by hand::
+
+    .venv/bin/python bench/hotspots.py upload [--https] [--with perf|py-spy] [--count N]
+    .venv/bin/python bench/hotspots.py requests [--count N]
+
+For C{upload}, C{download}, C{range} and C{head} it starts one daemon (the
+way bench/run.py does, on a fresh data directory, plain http or https),
+uploads what the workload needs, then drives the workload with 8 concurrent
+clients and prints the throughput and the daemon's CPU time per unit. With
+C{--with perf} (Linux C{perf}) or C{--with py-spy}, that profiler records
+the daemon during the measured part only, and the heaviest functions are
+printed. C{requests} measures and profiles (C{cProfile}) the Python cost of
+one HEAD and one range answer inside this process, through the real site
+but without sockets. No peer server: bench/run.py is the comparison; this
+is the microscope for a change (run it on two checkouts to compare them,
+as bench/README.md shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import os
+import pstats
+import random
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402  (bench/run.py: its server, client and workloads)
+
+SERVED = ("upload", "download", "range", "head")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Where resticd spends its time on one workload (run by hand; see bench/README.md).")
+    parser.add_argument("workload", choices=(*SERVED, "requests"))
+    parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
+    parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download) or requests (range, head, requests); defaults: 128, 128, 20000, 20000, 2000")
+    parser.add_argument("--out", type=Path, help="keep the profiler's recording here (default: a temporary file)")
+    parser.add_argument("--top", type=int, default=30, help="functions to print (default 30)")
+    parser.add_argument("--resticd-args", type=str, default="", help="extra resticd options, e.g. --resticd-args='--no-verify-upload'")
+    return parser.parse_args(argv)
+
+
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "requests": 2_000}
+
+
+def start_recording(profiler: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
+    if profiler == "perf":
+        argv = ["perf", "record", "-F", "999", "-g", "-o", str(out), "-p", str(pid)]
+    else:
+        # Only stacks holding the GIL: the Python work (idle worker threads and
+        # system calls, which release it, are left to perf).
+        argv = ["py-spy", "record", "--gil", "-r", "250", "-f", "raw", "-o", str(out), "-p", str(pid)]
+    if shutil.which(argv[0]) is None:
+        raise SystemExit(f"hotspots.py: {argv[0]} is not on PATH")
+    recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    time.sleep(1.0)  # attached before the clock starts
+    if recorder.poll() is not None:
+        raise SystemExit(f"hotspots.py: {argv[0]} failed: {recorder.stderr.read().decode() if recorder.stderr else ''}")
+    return recorder
+
+
+def stop_recording(recorder: subprocess.Popen[bytes]) -> None:
+    recorder.send_signal(signal.SIGINT)
+    try:
+        recorder.wait(60)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+        recorder.wait(10)
+
+
+def print_perf(out: Path, top: int) -> None:
+    report = subprocess.run(
+        ["perf", "report", "-i", str(out), "--no-children", "-g", "none", "--sort", "dso,sym", "--stdio"],
+        capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in report.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    print("\n".join(lines[:top]))
+
+
+def print_py_spy(out: Path, top: int) -> None:
+    """Self and inclusive shares of the sampled stacks (py-spy's raw format: 'frame;frame;... count')."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    if not total:
+        print("no samples")
+        return
+    for title, counter in (("self", own), ("inclusive", inclusive)):
+        print(f"-- {title} (share of {total} samples)")
+        for frame, count in counter.most_common(top):
+            print(f"{100 * count / total:5.1f}%  {frame}")
+
+
+def served(args: argparse.Namespace) -> None:
+    from resticd.certs import write_self_signed
+
+    count = args.count or DEFAULT_COUNT[args.workload]
+    proto = "https" if args.https else "http"
+    root = Path(tempfile.mkdtemp(prefix="resticd-profile-"))
+    server = None
+    try:
+        cert, key = write_self_signed(str(root / "tls"))
+        tls = None
+        if args.https:
+            tls = ssl.create_default_context(cafile=cert)
+            tls.set_alpn_protocols(["http/1.1"])
+        server = run.Server("resticd", proto, root / "server", Path(cert), Path(key), tls, args.resticd_args.split(), "rclone")
+        server.start()
+        run.create_repo(server, "r")
+        stored = 0 if args.workload == "upload" else (count if args.workload == "download" else 16)
+        objects = run.BigObjects(max(count if args.workload in ("upload", "download") else 16, 16))
+        if stored:
+            _, errors, _ = run.wl_upload(server, objects, stored)
+            if errors.count:
+                raise SystemExit(f"hotspots.py: uploading the objects failed: {errors.summary()}")
+        out = args.out or root / ("perf.data" if args.profiler == "perf" else "py-spy.txt")
+        recorder = start_recording(args.profiler, server.pid, out) if args.profiler else None
+        try:
+            if args.workload == "upload":
+                m, errors, _ = run.wl_upload(server, objects, count)
+            elif args.workload == "download":
+                m, errors, _ = run.wl_download(server, objects, count)
+            elif args.workload == "range":
+                m, errors, _ = run.wl_range(server, objects, stored, count, seed=1)
+            else:
+                m, errors, _ = run.wl_head(server, objects, stored, count, seed=1)
+        finally:
+            if recorder is not None:
+                stop_recording(recorder)
+        if errors.count:
+            raise SystemExit(f"hotspots.py: the workload failed: {errors.summary()}")
+        cpu = m.cpu or 0.0
+        if args.workload in ("upload", "download"):
+            gib = count * run.OBJECT_SIZE / run.GiB
+            print(f"{args.workload} over {proto}: {count * run.OBJECT_SIZE / run.MiB / m.elapsed:.0f} MiB/s, "
+                  f"daemon CPU {cpu / gib:.3f} s/GiB, peak RSS {(m.rss or 0) / run.MiB:.0f} MiB")
+        else:
+            print(f"{args.workload} over {proto}: {count / m.elapsed:.0f} requests/s, "
+                  f"daemon CPU {cpu / count * 1e6:.1f} µs/request, peak RSS {(m.rss or 0) / run.MiB:.0f} MiB")
+        if args.profiler == "perf":
+            print_perf(out, args.top)
+        elif args.profiler == "py-spy":
+            print_py_spy(out, args.top)
+        if args.profiler and args.out:
+            print(f"recording kept in {out}")
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def requests(args: argparse.Namespace) -> None:
+    """HEAD and range answers through the real site over an in-memory transport: Python only."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from tests.web import make_server
+
+    count = args.count or DEFAULT_COUNT["requests"]
+    root = tempfile.mkdtemp(prefix="resticd-profile-")
+    try:
+        site = make_server(os.path.join(root, "data")).site
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+        channel.makeConnection(transport)
+
+        def answer(raw: bytes) -> bytes:
+            channel.dataReceived(raw)
+            out = transport.value()
+            transport.clear()
+            return out
+
+        body = random.Random(2).randbytes(run.OBJECT_SIZE)
+        name = hashlib.sha256(body).hexdigest().encode()
+        for raw in (b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                    b"POST /r/data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (name, len(body), body)):
+            reply = answer(raw)
+            if not reply.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"hotspots.py: setting up failed: {reply[:200]!r}")
+        rnd = random.Random(1)
+        kinds: dict[str, list[bytes]] = {"HEAD": [], "range": []}
+        for _ in range(count):
+            kinds["HEAD"].append(b"HEAD /r/data/%s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: %s\r\n\r\n" % (name, run.V2.encode()))
+            length = rnd.randint(4 * run.KiB, 64 * run.KiB)
+            start = rnd.randrange(0, run.OBJECT_SIZE - length + 1)
+            kinds["range"].append(b"GET /r/data/%s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: %s\r\nRange: bytes=%d-%d\r\n\r\n"
+                                  % (name, run.V2.encode(), start, start + length - 1))
+        for kind, raws in kinds.items():
+            for raw in raws[:200]:  # warm up
+                answer(raw)
+            started = time.process_time()
+            for raw in raws:
+                answer(raw)
+            spent = time.process_time() - started
+            print(f"{kind}: {spent / len(raws) * 1e6:.1f} µs of CPU per answer (in process, no sockets)")
+            profile = cProfile.Profile()
+            profile.enable()
+            for raw in raws:
+                answer(raw)
+            profile.disable()
+            print(f"-- {kind}: by own time")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, run.on_sigterm)
+    try:
+        if args.workload == "requests":
+            requests(args)
+        else:
+            served(args)
+    except KeyboardInterrupt:
+        run.stop_all()
+        return 130
+    finally:
+        run.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
