@@ -52,6 +52,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--count", type=int, help="8 MiB objects (upload, download) or requests (range, head, requests); defaults: 128, 128, 20000, 20000, 2000")
     parser.add_argument("--out", type=Path, help="keep the profiler's recording here (default: a temporary file)")
     parser.add_argument("--top", type=int, default=30, help="functions to print (default 30)")
+    parser.add_argument("--warm-memory", type=float, default=2.0, metavar="GIB",
+                        help="first write and delete this many GiB in the data filesystem, as bench/run.py does, so that "
+                             "the daemon does not pay for the first touch of memory pages on a virtual machine (default 2; 0: don't)")
     parser.add_argument("--resticd-args", type=str, default="", help="extra resticd options, e.g. --resticd-args='--no-verify-upload'")
     return parser.parse_args(argv)
 
@@ -130,6 +133,8 @@ def served(args: argparse.Namespace) -> None:
             tls = ssl.create_default_context(cafile=cert)
             tls.set_alpn_protocols(["http/1.1"])
         server = run.Server("resticd", proto, root / "server", Path(cert), Path(key), tls, args.resticd_args.split(), "rclone")
+        if args.warm_memory > 0:
+            print(f"warmed {args.warm_memory:g} GiB of memory in {run.warm_memory(root, args.warm_memory):.1f} s")
         server.start()
         run.create_repo(server, "r")
         stored = 0 if args.workload == "upload" else (count if args.workload == "download" else 16)
