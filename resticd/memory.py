@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
+from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 
 from .logs import logger
@@ -115,11 +116,14 @@ class IdleTrim:
             return
         self._trimmed_at = started
         self._trimming = True
-        self._run(self._trim).addCallbacks(self._trimmed, self._failed)
+        # A runner that refuses the call (its threads stopped) fails it here
+        # too, rather than stop the timer that calls this.
+        maybeDeferred(self._run, self._trim).addCallbacks(self._trimmed, self._failed)
 
     def _trimmed(self, released: object) -> None:
         self._trimming = False
-        log.debug("idle: free heap memory handed back to the system: {released}", released=bool(released))
+        if released:
+            log.debug("idle: handed the allocator's free memory back to the system")
 
     def _failed(self, failure: Failure) -> None:
         self._trimming = False

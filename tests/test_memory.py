@@ -236,6 +236,32 @@ def test_a_failing_trim_is_logged_and_later_ones_still_run(logged: LogCapture) -
     assert trims.calls == 2
 
 
+def test_a_runner_that_refuses_the_trim_is_logged_and_later_trims_still_run(logged: LogCapture) -> None:
+    """
+    A runner that raises instead of returning a Deferred (worker threads
+    already stopped) is logged once as a failed trim, and does not keep
+    later idle moments from trimming.
+    """
+    activity, trims = Activity(), Trims()
+    refuse = [True]
+
+    def runner(f: Any, *args: Any) -> Deferred[Any]:
+        if refuse[0]:
+            raise RuntimeError("the worker threads are stopped")
+        return run_inline(f, *args)
+
+    idle = IdleTrim(activity, runner, trims)
+    activity.request()
+    idle.check()
+    idle.check()
+    assert len([t for t in logged.texts(LogLevel.critical) if "memory back" in t]) == 1
+    refuse[0] = False
+    activity.request()
+    idle.check()
+    idle.check()
+    assert trims.calls == 1
+
+
 def test_a_trim_runs_through_the_runner() -> None:
     """
     The trim (which takes the allocator's locks) runs through the runner it
