@@ -254,10 +254,24 @@ class SpoolingRequest(server.Request):
                 spool.discard()
                 return
         spool.write(data)
-        budget = spool.budget
-        if budget is not None and budget.exceeded and not self._paused:
+        if not self._paused and self._wait_for_writes(spool):
             self._pause_body()
+
+    def _wait_for_writes(self, spool: SpoolFile) -> bool:
+        """
+        Whether the body must stop coming in until the writes catch up: all
+        uploads together are too far behind (the spool's L{WriteBudget}), or
+        this one is (L{resticd.spool.BACKLOG}); if so, L{_resume_body} is
+        called once they have caught up.
+        """
+        budget = spool.budget
+        if budget is not None and budget.exceeded:
             budget.when_room(self._resume_body)
+            return True
+        if spool.backlogged:
+            spool.when_caught_up(self._resume_body)
+            return True
+        return False
 
     def _body_producer(self) -> Any:
         """
@@ -281,8 +295,12 @@ class SpoolingRequest(server.Request):
     def _resume_body(self) -> None:
         if not self._paused:
             return
+        spool = self.spool_file
+        gone = self.finished or self._disconnected
+        if spool is not None and not gone and self._wait_for_writes(spool):
+            return  # caught up on one count, still behind on the other
         self._paused = False
-        if self.finished or self._disconnected:
+        if gone:
             # Answered meanwhile (twisted.web has let go of its channel,
             # which may serve another request by now) or gone.
             return

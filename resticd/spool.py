@@ -32,6 +32,14 @@ PIECE = 1 << 20
 #: writes, 2.7-2.8 with 32 KiB. Elsewhere the extra calls cost little.
 WRITE_SIZE = 32 << 10
 
+#: Bytes of one upload received but not yet written, beyond which it stops
+#: reading from its client until its writes are down to half of it: four
+#: pieces keep its writes going while it waits for the network, and a single
+#: big upload (restic's packs reach 128 MiB) holds no more memory than that,
+#: however far the disk falls behind (the L{WriteBudget} caps all uploads
+#: together).
+BACKLOG = 4 * PIECE
+
 #: A whole body at most this long is hashed on the reactor thread (tens of
 #: microseconds) and written by L{SpoolFile.sync}, in the same worker call as
 #: the fsync: one trip to the worker threads per small upload instead of two.
@@ -45,6 +53,19 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view[:WRITE_SIZE]) :]
+
+
+def resume_all(waiting: list[Callable[[], object]]) -> None:
+    """
+    Call each of C{waiting} (uploads waiting for their writes to catch up);
+    one that fails is logged, and neither stops the others from resuming
+    nor is reported as the writer's error.
+    """
+    for resume in waiting:
+        try:
+            resume()
+        except Exception:
+            log.failure("resuming an upload failed")
 
 
 class WriteBudget:
@@ -66,13 +87,7 @@ class WriteBudget:
         self.used -= size
         if self._waiting and self.used <= self.limit // 2:
             waiting, self._waiting = self._waiting, []
-            for resume in waiting:
-                try:
-                    resume()
-                except Exception:
-                    # One upload's failure must neither stop the others from
-                    # resuming nor be reported as the writer's error.
-                    log.failure("resuming an upload failed")
+            resume_all(waiting)
 
     @property
     def exceeded(self) -> bool:
@@ -117,6 +132,9 @@ class SpoolFile:
         self.budget = budget
         self._pending: list[bytes] = []
         self._pending_size = 0
+        #: Bytes handed to the workers and not written yet.
+        self._writing = 0
+        self._caught_up: list[Callable[[], object]] = []
         self._tail: Deferred[None] = succeed(None)
         self._submitted = False
         self._unwritten: bytes | None = None
@@ -153,17 +171,45 @@ class SpoolFile:
         budget = self.budget
         if budget is not None:
             budget.take(size)
+        self._writing += size
 
         def write(ignored: object) -> Deferred[None]:
             return run(self._write_now, *pieces)
 
         def written(result: object) -> None:
+            self._writing -= size
             if budget is not None:
                 budget.give(size)
             if isinstance(result, Failure) and self.error is None:
                 self.error = OSError(f"writing the upload failed: {result.getErrorMessage()}")
+            if self._caught_up and self.backlog <= BACKLOG // 2:
+                waiting, self._caught_up = self._caught_up, []
+                resume_all(waiting)
 
         self._tail = self._tail.addCallback(write).addBoth(written)
+
+    @property
+    def backlog(self) -> int:
+        """
+        Bytes written to this file that are not in it yet (kept for the
+        next piece, or handed to the workers).
+        """
+        return self._pending_size + self._writing
+
+    @property
+    def backlogged(self) -> bool:
+        """
+        Whether the writes are more than L{BACKLOG} bytes behind.
+        """
+        return self.backlog > BACKLOG
+
+    def when_caught_up(self, resume: Callable[[], object]) -> None:
+        """
+        Call C{resume} once the writes are no more than half of L{BACKLOG}
+        behind (after L{backlogged}: a piece is being written, whose end
+        comes back to the reactor thread).
+        """
+        self._caught_up.append(resume)
 
     def _write_now(self, *pieces: bytes) -> None:
         """

@@ -22,7 +22,7 @@ from twisted.web.http import HTTPChannel
 from resticd.errors import Forbidden
 from resticd.request import SpoolingRequest
 from resticd.paths import Layout
-from resticd.spool import PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget
+from resticd.spool import BACKLOG, PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget
 from resticd.store import Store
 from resticd.threads import run_inline
 
@@ -454,6 +454,108 @@ def test_write_backlog_pauses_the_client(server: Server) -> None:
         runner.release()
     with open(request.spool_file.path, "rb") as f:
         assert f.read() == body
+
+
+def test_an_upload_far_behind_its_writes_reports_it_and_when_it_caught_up(tmp_path) -> None:
+    """
+    An upload whose writes are more than BACKLOG bytes behind says so, and
+    one waiting for them to catch up is called once they are no more than
+    half of it behind, not before, and only once.
+    """
+    runner = HeldWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget(limit=64 * PIECE))
+    for i in range(0, BACKLOG + PIECE, 65536):
+        spool.write(os.urandom(65536))
+    assert spool.backlog == BACKLOG + PIECE and spool.backlogged
+    caught_up: list[int] = []
+    spool.when_caught_up(lambda: caught_up.append(spool.backlog))
+    runner.release()
+    runner.release()
+    assert caught_up == [] and spool.backlogged is False
+    while runner.queued and not caught_up:
+        runner.release()
+    assert caught_up == [BACKLOG // 2]
+    while runner.queued:
+        runner.release()
+    assert caught_up == [BACKLOG // 2] and spool.backlog == 0
+
+
+def test_one_upload_far_behind_its_writes_pauses_its_client(server: Server) -> None:
+    """
+    However much room the write budget of all uploads has, a single upload
+    whose writes fall more than BACKLOG bytes behind stops reading from its
+    client (so that a big upload to a slow disk holds a few MiB, not the
+    whole budget), and reads again once they are half of that behind; the
+    body arrives intact.
+    """
+    runner = HeldWrites()
+    server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=64 * PIECE))
+    request, transport = open_request(server)
+    body = os.urandom(3 * BACKLOG)
+    request.gotLength(len(body))
+    sent = 0
+    while sent < len(body) and transport.producerState == "producing":
+        request.handleContentChunk(body[sent : sent + 65536])
+        sent += 65536
+    assert transport.producerState == "paused"
+    assert request.spool_file is not None
+    assert BACKLOG < request.spool_file.backlog <= BACKLOG + 65536
+    runner.release()
+    assert transport.producerState == "paused"
+    while transport.producerState == "paused":
+        runner.release()
+    assert request.spool_file.backlog <= BACKLOG // 2
+    while sent < len(body):
+        if transport.producerState == "paused":
+            runner.release()
+            continue
+        request.handleContentChunk(body[sent : sent + 65536])
+        sent += 65536
+    request.spool_file.flush()
+    while runner.queued:
+        runner.release()
+    with open(request.spool_file.path, "rb") as f:
+        assert f.read() == body
+
+
+def release_one_write_of(runner: HeldWrites, spool: SpoolFile | None) -> None:
+    """
+    Run the oldest write of C{spool} queued in C{runner}.
+    """
+    mine = [i for i, (_, f, _) in enumerate(runner.queued) if getattr(f, "__self__", None) is spool]
+    d, f, args = runner.queued.pop(mine[0])
+    run_inline(f, *args).chainDeferred(d)
+
+
+def test_an_upload_resumed_by_the_budget_waits_for_its_own_writes(server: Server) -> None:
+    """
+    An upload paused because all uploads together were too far behind stays
+    paused when the others' writes make room but its own writes are still
+    more than BACKLOG behind, and reads again once those are half of it
+    behind.
+    """
+    runner = HeldWrites()
+    limit = 2 * (BACKLOG + PIECE)
+    server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=limit))
+    other, _ = open_request(server)
+    other.gotLength(limit - BACKLOG)
+    for i in range(0, limit - BACKLOG, 65536):
+        other.handleContentChunk(os.urandom(65536))
+    request, transport = open_request(server)
+    request.gotLength(4 * BACKLOG)
+    for i in range(0, BACKLOG - PIECE, 65536):
+        request.handleContentChunk(os.urandom(65536))
+    assert transport.producerState == "producing"
+    # One read puts both the budget and this upload's own backlog over.
+    request.handleContentChunk(os.urandom(2 * PIECE))
+    assert transport.producerState == "paused"
+    assert request.spool_file is not None and request.spool_file.backlog == BACKLOG + PIECE
+    release_writes_of(runner, other.spool_file)  # the budget is down to half
+    assert transport.producerState == "paused"
+    while request.spool_file.backlog > BACKLOG // 2:
+        assert transport.producerState == "paused"
+        release_one_write_of(runner, request.spool_file)
+    assert transport.producerState == "producing"
 
 
 def release_writes_of(runner: HeldWrites, spool: SpoolFile | None) -> None:
