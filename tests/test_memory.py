@@ -292,12 +292,20 @@ def test_heap_trimmer_is_found_on_glibc() -> None:
     assert heap_trimmer() is not None
 
 
-def resident_mib(pid: int) -> float:
+def status_mib(pid: int, field: str) -> float:
+    """
+    A memory size of process C{pid} from C{/proc/PID/status}, in MiB:
+    C{VmRSS} (resident now) or C{VmHWM} (the peak of it).
+    """
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def resident_mib(pid: int) -> float:
+    return status_mib(pid, "VmRSS")
 
 
 def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path: Path) -> None:
@@ -345,11 +353,7 @@ def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path
 
 
 def peak_resident_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return status_mib(pid, "VmHWM")
 
 
 def test_a_128_mib_upload_raises_the_peak_memory_by_a_few_mib(tmp_path: Path) -> None:
