@@ -317,7 +317,7 @@ def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path
     """
     bodies = [os.urandom(8 * MIB) for _ in range(4)]
     objects = []
-    for i in range(32):
+    for i in range(64):
         body = bodies[i % 4][:-8] + i.to_bytes(8, "big")
         objects.append((hashlib.sha256(body).hexdigest(), body))
     with running(tmp_path, tls=False) as daemon:
@@ -345,7 +345,7 @@ def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path
             list(pool.map(upload, range(8)))
         after_burst = resident_mib(pid)
         assert after_burst - before >= 10, (before, after_burst)
-        assert wait_for(lambda: resident_mib(pid) - before <= 5, 3 * IDLE_TRIM_INTERVAL), (
+        assert wait_for(lambda: resident_mib(pid) - before <= 4, 3 * IDLE_TRIM_INTERVAL), (
             before,
             after_burst,
             resident_mib(pid),
