@@ -137,8 +137,10 @@ def served(args: argparse.Namespace) -> None:
             print(f"warmed {args.warm_memory:g} GiB of memory in {run.warm_memory(root, args.warm_memory):.1f} s")
         server.start()
         run.create_repo(server, "r")
-        stored = 0 if args.workload == "upload" else (count if args.workload == "download" else 16)
-        objects = run.BigObjects(max(count if args.workload in ("upload", "download") else 16, 16))
+        # Uploads store their own objects; downloads read as many as they
+        # fetch; ranges and HEADs spread over 16.
+        stored = {"upload": 0, "download": count}.get(args.workload, 16)
+        objects = run.BigObjects(count if args.workload == "upload" else stored)
         if stored:
             _, errors, _ = run.wl_upload(server, objects, stored)
             if errors.count:

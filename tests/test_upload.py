@@ -16,6 +16,7 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
@@ -26,6 +27,7 @@ from resticd.spool import BACKLOG, PIECE, SMALL_BODY, Spool, SpoolFile, WriteBud
 from resticd.store import Store
 from resticd.threads import run_inline
 
+from .logcapture import LogCapture
 from .web import Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
@@ -478,6 +480,37 @@ def test_an_upload_far_behind_its_writes_reports_it_and_when_it_caught_up(tmp_pa
     while runner.queued:
         runner.release()
     assert caught_up == [BACKLOG // 2] and spool.backlog == 0
+
+
+def test_a_failing_resume_is_logged_and_neither_stops_the_others_nor_the_writes(tmp_path, logged: LogCapture) -> None:
+    """
+    When one upload waiting for its writes to catch up fails to resume, the
+    failure is logged once, the other waiters are still resumed, and the
+    file's later writes go on (it is not taken for a write error).
+    """
+    runner = HeldWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget(limit=64 * PIECE))
+    body = os.urandom(BACKLOG + PIECE)
+    for i in range(0, len(body), 65536):
+        spool.write(body[i : i + 65536])
+    resumed: list[str] = []
+
+    def broken() -> None:
+        raise ValueError("resume broke")
+
+    spool.when_caught_up(broken)
+    spool.when_caught_up(lambda: resumed.append("other"))
+    while runner.queued:
+        runner.release()
+    assert resumed == ["other"]
+    assert len([t for t in logged.texts(LogLevel.critical) if "resuming an upload failed" in t]) == 1
+    assert spool.error is None
+    spool.write(b"tail")
+    spool.flush()
+    while runner.queued:
+        runner.release()
+    with open(spool.path, "rb") as f:
+        assert f.read() == body + b"tail"
 
 
 def test_one_upload_far_behind_its_writes_pauses_its_client(server: Server) -> None:
