@@ -15,8 +15,10 @@ a backup server meets:
 L{ResticH2Connection} fixes both, and L{ResticChannel} makes the site use it
 when a client negotiates C{h2} by ALPN. It is also tuned. For uploads, it
 accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
-sends a pack in a few dozen frames, not hundreds) and it does not build a hex
-dump of every DATA frame for h2's trace log, which is off. For downloads, it
+sends a pack in a few dozen frames, not hundreds), it cuts the frames out of
+each read as it came (L{_FrameBuffer}: once, where h2 copies each frame's
+bytes three times) and it does not build a hex dump of every DATA frame for h2's
+trace log, which is off. For downloads, it
 sends several DATA frames per reactor iteration instead of one and hands them
 to the transport (TLS) in one write, it builds those frames itself around views
 of the response's data (h2 would copy each payload four times), and it keeps
@@ -26,8 +28,8 @@ as a reset by the client does. All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
-flow-control and state attributes; setup.py pins the Twisted and h2 versions
-they were tested with.
+flow-control and state attributes and its C{FrameBuffer}; setup.py pins the
+Twisted and h2 versions they were tested with.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ import h2.config
 import h2.connection
 import priority
 from h2.connection import ConnectionState
+from h2.exceptions import FrameDataMissingError, ProtocolError
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from h2.stream import StreamState
-from hyperframe.frame import DataFrame
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from hyperframe.frame import DataFrame, Frame
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
 from twisted.python.failure import Failure
@@ -110,17 +115,112 @@ class _QuietDataFrame(DataFrame):
         return f"DataFrame(stream_id={self.stream_id}, flags={self.flags!r}, {len(self.data)} bytes)"
 
 
+class _FrameBuffer(FrameBuffer):
+    """
+    h2's buffer of received bytes, cut into frames, with fewer copies: frames
+    are parsed from a view of the data as it came (h2 appends all of it to
+    one buffer, copies each frame out of it, then shifts the rest down), and
+    only the start of a frame that has not fully arrived is kept for the next
+    read, topped up with just the bytes that frame lacks. A frame longer than
+    allowed is refused on its header, not once all of it has arrived.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(server=True)
+        self._view = memoryview(b"")
+        self._at = 0
+
+    def add_data(self, data: Any) -> None:
+        if self._preamble_len:
+            # The connection's first bytes: h2 checks the preamble and keeps
+            # the rest in its buffer, where __next__ takes frames from first.
+            super().add_data(data)
+        else:
+            self._view = memoryview(data)
+            self._at = 0
+
+    def _take(self, size: int) -> None:
+        """
+        Move up to C{size} bytes of the newly arrived data to the kept ones.
+        """
+        end = self._at + size
+        self._data += self._view[self._at : end]
+        self._at = min(end, len(self._view))
+
+    def _header(self, header: memoryview) -> tuple[Frame, int]:
+        try:
+            frame, length = Frame.parse_frame_header(header)
+        except (InvalidDataError, InvalidFrameError) as err:
+            raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
+        self._validate_frame_length(length)
+        return frame, length
+
+    @staticmethod
+    def _body(frame: Frame, body: memoryview) -> None:
+        # Every frame type copies what it keeps out of the view (hyperframe's
+        # parse_body), so the view may be released after.
+        try:
+            frame.parse_body(body)
+        except InvalidDataError as err:
+            raise ProtocolError("Received frame with non-compliant data") from err
+        except InvalidFrameError as err:
+            raise FrameDataMissingError("Frame data missing or invalid") from err
+
+    def _next_frame(self) -> Frame | None:
+        """
+        The next whole frame, or None when it has not fully arrived (its
+        start is then kept).
+        """
+        kept = self._data
+        if kept:
+            if len(kept) < 9:
+                self._take(9 - len(kept))
+                if len(kept) < 9:
+                    return None
+            frame, length = self._header(memoryview(bytes(kept[:9])))
+            if len(kept) < 9 + length:
+                self._take(9 + length - len(kept))
+                if len(kept) < 9 + length:
+                    return None
+            with memoryview(kept) as view:
+                self._body(frame, view[9 : 9 + length])
+            del kept[: 9 + length]
+            return frame
+        view, at = self._view, self._at
+        if len(view) - at < 9:
+            self._take(len(view) - at)
+            return None
+        frame, length = self._header(view[at : at + 9])
+        if len(view) - at < 9 + length:
+            self._take(len(view) - at)
+            return None
+        self._body(frame, view[at + 9 : at + 9 + length])
+        self._at = at + 9 + length
+        return frame
+
+    def __next__(self) -> Frame:
+        while (frame := self._next_frame()) is not None:
+            # Header blocks in several frames are joined as h2 does.
+            whole = self._update_header_buffer(frame)
+            if whole is not None:
+                return whole
+        self._view = memoryview(b"")
+        self._at = 0
+        raise StopIteration
+
+
 class _QuietConnection(h2.connection.H2Connection):
     """
     h2's connection state machine, without the cost of formatting each
-    received DATA frame for a trace log nobody reads: h2 formats every
+    received DATA frame for a trace log nobody reads (h2 formats every
     received frame with repr(), and a DATA frame's repr hex-encodes its
-    whole payload.
+    whole payload), and receiving through L{_FrameBuffer}.
     """
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self._frame_dispatch_table[_QuietDataFrame] = self._frame_dispatch_table[DataFrame]
+        self.incoming_buffer = _FrameBuffer()
 
     def _receive_frame(self, frame: Any) -> Any:
         if frame.__class__ is DataFrame:

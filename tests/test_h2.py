@@ -9,10 +9,15 @@ import os
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived
-from h2.exceptions import StreamClosedError
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, Event
+from h2.exceptions import FrameTooLargeError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from resticd.h2 import ResticH2Connection
+from resticd.h2 import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, ResticH2Connection
 
 
 def opened_stream(server: H2Connection) -> H2Connection:
@@ -66,3 +71,155 @@ def test_data_frame_on_a_closed_stream_is_h2s_error() -> None:
     ours.conn.end_stream(1)
     with pytest.raises(StreamClosedError):
         ours._data_frame(1, memoryview(b"late"))
+
+
+def configured(server: H2Connection) -> H2Connection:
+    """
+    C{server} started with the settings resticd's connection announces.
+    """
+    server.initiate_connection()
+    server.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})
+    server.increment_flow_control_window(CONNECTION_WINDOW - server.inbound_flow_control_window)
+    server.data_to_send()
+    return server
+
+
+def described(event: object) -> tuple[str, dict[str, object]]:
+    """
+    An h2 event as plain values, to compare events of two connections.
+    """
+    fields: dict[str, object] = {}
+    for name, value in vars(event).items():
+        if isinstance(value, Event):
+            value = described(value)
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            value = bytes(value)
+        elif not isinstance(value, (int, str, list, tuple, type(None))):
+            value = repr(value)
+        fields[name] = value
+    return type(event).__name__, fields
+
+
+@st.composite
+def client_bytes(draw: st.DrawFn) -> bytes:
+    """
+    What a client sends on a connection: requests with headers (some long
+    enough to need CONTINUATION frames), bodies in DATA frames of many sizes,
+    some padded, some up to the largest frame resticd accepts, and PINGs.
+    """
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    wire = bytearray(client.data_to_send())
+    if draw(st.booleans()):
+        # The client learns that resticd takes big frames, and says so.
+        server = configured(H2Connection(H2Configuration(client_side=False)))
+        server.receive_data(bytes(wire))
+        client.receive_data(server.data_to_send())
+        wire += client.data_to_send()
+    for stream in range(1, 2 * draw(st.integers(1, 3)), 2):
+        filler = "x" * draw(st.sampled_from([0, 100, 20_000, 40_000]))
+        headers = [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h"), ("x-filler", filler)]
+        client.send_headers(stream, headers)
+        wire += client.data_to_send()
+        for size in draw(st.lists(st.integers(0, 300_000), max_size=4)):
+            padding = draw(st.sampled_from([None, 0, 7, 255]))
+            while size and client.local_flow_control_window(stream) > 300:
+                piece = min(size, client.max_outbound_frame_size - 256, client.local_flow_control_window(stream) - 256)
+                client.send_data(stream, os.urandom(piece), pad_length=padding)
+                size -= piece
+            wire += client.data_to_send()
+        if draw(st.booleans()):
+            client.ping(os.urandom(8))
+        client.end_stream(stream)
+        wire += client.data_to_send()
+    return bytes(wire)
+
+
+@given(client_bytes(), st.lists(st.integers(1, 600_000), max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_received_frames_are_what_h2_makes_of_them_however_the_bytes_arrive(wire: bytes, cuts: list[int]) -> None:
+    """
+    However a client's bytes are split into reads (a frame across several
+    reads, several frames in one, a read ending inside a frame header), the
+    requests, headers, bodies, pings and settings resticd's HTTP/2
+    connection sees are exactly those h2's own would see, read by read, and
+    it answers with the same bytes.
+    """
+    ours = configured(ResticH2Connection().conn)
+    theirs = configured(H2Connection(H2Configuration(client_side=False, header_encoding=None)))
+    at = 0
+    for end in sorted(cuts) + [len(wire)]:
+        chunk = wire[at:end]
+        at = max(at, end)
+        assert [described(e) for e in ours.receive_data(chunk)] == [described(e) for e in theirs.receive_data(chunk)]
+        assert ours.data_to_send() == theirs.data_to_send()
+
+
+def started(server: H2Connection) -> H2Connection:
+    """
+    A client that has opened a request on stream 1 of C{server}.
+    """
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    request = [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")]
+    client.send_headers(1, request)
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    return client
+
+
+def test_an_overlong_frame_is_refused_on_its_header() -> None:
+    """
+    A frame announcing more than the largest frame allowed ends the
+    connection (GOAWAY, FRAME_SIZE_ERROR) as soon as its 9-byte header
+    arrives: resticd does not wait for, and hold, the megabytes announced.
+    """
+    server = configured(ResticH2Connection().conn)
+    started(server)
+    header = (1 << 20).to_bytes(3, "big") + bytes([DataFrame.type, 0]) + (1).to_bytes(4, "big")
+    with pytest.raises(FrameTooLargeError):
+        server.receive_data(header)
+    goaway = [f for f in frames(server.data_to_send()) if isinstance(f, GoAwayFrame)]
+    assert [f.error_code for f in goaway] == [ErrorCodes.FRAME_SIZE_ERROR]
+
+
+def test_a_read_is_not_held_once_handled() -> None:
+    """
+    Nothing refers to a read's buffer once the connection has handled it:
+    the caller may reuse it at once, and the start of a frame that has not
+    fully arrived, kept for the next read, is kept as it was received.
+    """
+    server = configured(ResticH2Connection().conn)
+    client = started(server)
+    payload = os.urandom(10_000)
+    client.send_data(1, payload, end_stream=True)
+    wire = client.data_to_send()
+    first = bytearray(wire[:5000])
+    assert server.receive_data(first) == []
+    first[:] = bytes(len(first))  # reused for something else
+    first.clear()  # would raise BufferError if still referred to
+    events = server.receive_data(wire[5000:])
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived)) == payload
+
+
+def test_a_wrong_preamble_is_a_protocol_error() -> None:
+    """
+    A connection that does not start with HTTP/2's preamble is refused.
+    """
+    server = configured(ResticH2Connection().conn)
+    with pytest.raises(ProtocolError, match="preamble"):
+        server.receive_data(b"GET / HTTP/1.1\r\n\r\n")
+
+
+def frames(data: bytes) -> list[Frame]:
+    """
+    The frames in C{data}, which holds whole frames.
+    """
+    found = []
+    view = memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        found.append(frame)
+        view = view[9 + length :]
+    return found
