@@ -26,6 +26,7 @@ import hashlib
 import os
 import pstats
 import random
+import re
 import shutil
 import signal
 import ssl
@@ -92,8 +93,26 @@ def print_perf(out: Path, top: int) -> None:
         ["perf", "report", "-i", str(out), "--no-children", "-g", "none", "--sort", "dso,sym", "--stdio"],
         capture_output=True, text=True, timeout=300,
     )
-    lines = [line for line in report.stdout.splitlines() if line.strip() and not line.startswith("#")]
-    print("\n".join(lines[:top]))
+    # Lines look like "  7.70%  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore".
+    by_dso: Counter[str] = Counter()
+    by_symbol: Counter[tuple[str, str]] = Counter()
+    for line in report.stdout.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
+        if not match:
+            continue
+        share, dso, symbol = float(match[1]), match[2], match[3].strip()
+        if re.fullmatch(r"0x[0-9a-f]+", symbol):
+            # A library without symbols (libcrypto's assembly, for one)
+            # would fill the table with one line per address.
+            symbol = "(addresses without a symbol)"
+        by_dso[dso] += share
+        by_symbol[dso, symbol] += share
+    print("-- by library")
+    for dso, share in by_dso.most_common(8):
+        print(f"{share:6.2f}%  {dso}")
+    print("-- by function")
+    for (dso, symbol), share in by_symbol.most_common(top):
+        print(f"{share:6.2f}%  {dso:<24.24}  {symbol}")
 
 
 def print_py_spy(out: Path, top: int) -> None:
