@@ -94,8 +94,8 @@ def print_perf(out: Path, top: int) -> None:
         capture_output=True, text=True, timeout=300,
     )
     # Lines look like "  7.70%  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore".
-    by_dso: Counter[str] = Counter()
-    by_symbol: Counter[tuple[str, str]] = Counter()
+    by_dso: dict[str, float] = {}
+    by_symbol: dict[tuple[str, str], float] = {}
     for line in report.stdout.splitlines():
         match = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
         if not match:
@@ -105,13 +105,13 @@ def print_perf(out: Path, top: int) -> None:
             # A library without symbols (libcrypto's assembly, for one)
             # would fill the table with one line per address.
             symbol = "(addresses without a symbol)"
-        by_dso[dso] += share
-        by_symbol[dso, symbol] += share
+        by_dso[dso] = by_dso.get(dso, 0.0) + share
+        by_symbol[dso, symbol] = by_symbol.get((dso, symbol), 0.0) + share
     print("-- by library")
-    for dso, share in by_dso.most_common(8):
+    for dso, share in sorted(by_dso.items(), key=lambda item: -item[1])[:8]:
         print(f"{share:6.2f}%  {dso}")
     print("-- by function")
-    for (dso, symbol), share in by_symbol.most_common(top):
+    for (dso, symbol), share in sorted(by_symbol.items(), key=lambda item: -item[1])[:top]:
         print(f"{share:6.2f}%  {dso:<24.24}  {symbol}")
 
 
@@ -121,14 +121,14 @@ def print_py_spy(out: Path, top: int) -> None:
     inclusive: Counter[str] = Counter()
     total = 0
     for line in out.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         if not stack:
             continue
         frames = stack.split(";")
-        total += int(count)
-        own[frames[-1]] += int(count)
+        total += int(samples)
+        own[frames[-1]] += int(samples)
         for frame in set(frames):
-            inclusive[frame] += int(count)
+            inclusive[frame] += int(samples)
     if not total:
         print("no samples")
         return
@@ -218,7 +218,7 @@ def requests(args: argparse.Namespace) -> None:
 
         def answer(raw: bytes) -> bytes:
             channel.dataReceived(raw)
-            out = transport.value()
+            out: bytes = transport.value()
             transport.clear()
             return out
 
