@@ -122,11 +122,16 @@ class _FrameBuffer(FrameBuffer):
     one buffer, copies each frame out of it, then shifts the rest down), and
     only the start of a frame that has not fully arrived is kept for the next
     read, topped up with just the bytes that frame lacks. A frame longer than
-    allowed is refused on its header, not once all of it has arrived.
+    allowed is refused on its header, not once all of it has arrived; allowed
+    is what C{limit} says when the header is read, so that frames sent after
+    the client acknowledged a larger size are taken even when the
+    acknowledgement came in the same read (h2 compares with the size allowed
+    when the read began).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: Callable[[], int]) -> None:
         super().__init__(server=True)
+        self._limit = limit
         self._view = memoryview(b"")
         self._at = 0
 
@@ -152,6 +157,7 @@ class _FrameBuffer(FrameBuffer):
             frame, length = Frame.parse_frame_header(header)
         except (InvalidDataError, InvalidFrameError) as err:
             raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
+        self.max_frame_size = self._limit()
         self._validate_frame_length(length)
         return frame, length
 
@@ -220,7 +226,7 @@ class _QuietConnection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self._frame_dispatch_table[_QuietDataFrame] = self._frame_dispatch_table[DataFrame]
-        self.incoming_buffer = _FrameBuffer()
+        self.incoming_buffer = _FrameBuffer(lambda: self.max_inbound_frame_size)
 
     def _receive_frame(self, frame: Any) -> Any:
         if frame.__class__ is DataFrame:

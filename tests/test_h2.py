@@ -4,6 +4,7 @@ resticd's HTTP/2 framing, checked against the h2 library without sockets.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -75,13 +76,27 @@ def test_data_frame_on_a_closed_stream_is_h2s_error() -> None:
 
 def configured(server: H2Connection) -> H2Connection:
     """
-    C{server} started with the settings resticd's connection announces.
+    C{server} started with the settings resticd's connection announces
+    (sent: see L{opening}).
     """
     server.initiate_connection()
     server.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})
     server.increment_flow_control_window(CONNECTION_WINDOW - server.inbound_flow_control_window)
-    server.data_to_send()
     return server
+
+
+def opening(client: H2Connection) -> bytes:
+    """
+    What C{client} sends to open a connection to resticd once it has read
+    resticd's settings: its preamble and settings, then the acknowledgement
+    of resticd's (from then on it sends frames of up to 256 KiB).
+    """
+    client.initiate_connection()
+    sent = client.data_to_send()
+    client.receive_data(configured(H2Connection(H2Configuration(client_side=False))).data_to_send())
+    sent += client.data_to_send()
+    assert client.max_outbound_frame_size == MAX_FRAME_SIZE
+    return sent
 
 
 def described(event: object) -> tuple[str, dict[str, object]]:
@@ -108,14 +123,13 @@ def client_bytes(draw: st.DrawFn) -> bytes:
     some padded, some up to the largest frame resticd accepts, and PINGs.
     """
     client = H2Connection(H2Configuration(client_side=True))
-    client.initiate_connection()
-    wire = bytearray(client.data_to_send())
     if draw(st.booleans()):
-        # The client learns that resticd takes big frames, and says so.
-        server = configured(H2Connection(H2Configuration(client_side=False)))
-        server.receive_data(bytes(wire))
-        client.receive_data(server.data_to_send())
-        wire += client.data_to_send()
+        wire = bytearray(opening(client))
+    else:
+        # A client that has not read resticd's settings yet: frames of up
+        # to 16 KiB, long header blocks in CONTINUATION frames.
+        client.initiate_connection()
+        wire = bytearray(client.data_to_send())
     for stream in range(1, 2 * draw(st.integers(1, 3)), 2):
         filler = "x" * draw(st.sampled_from([0, 100, 20_000, 40_000]))
         headers = [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h"), ("x-filler", filler)]
@@ -135,24 +149,60 @@ def client_bytes(draw: st.DrawFn) -> bytes:
     return bytes(wire)
 
 
-@given(client_bytes(), st.lists(st.integers(1, 600_000), max_size=12))
+@given(client_bytes(), st.lists(st.one_of(st.integers(1, 20), st.integers(1, 400_000)), max_size=16))
 @settings(max_examples=60, deadline=None)
-def test_received_frames_are_what_h2_makes_of_them_however_the_bytes_arrive(wire: bytes, cuts: list[int]) -> None:
+def test_received_frames_are_what_h2_makes_of_them_however_the_bytes_arrive(wire: bytes, reads: list[int]) -> None:
     """
     However a client's bytes are split into reads (a frame across several
     reads, several frames in one, a read ending inside a frame header), the
     requests, headers, bodies, pings and settings resticd's HTTP/2
-    connection sees are exactly those h2's own would see, read by read, and
-    it answers with the same bytes.
+    connection sees are exactly those h2's own would see, in the same order,
+    and it answers with the same bytes. (h2 is given the client's
+    acknowledgement of the larger frame size at the end of a read: it
+    refuses larger frames that come in the same read, see below.)
     """
     ours = configured(ResticH2Connection().conn)
     theirs = configured(H2Connection(H2Configuration(client_side=False, header_encoding=None)))
-    at = 0
-    for end in sorted(cuts) + [len(wire)]:
-        chunk = wire[at:end]
-        at = max(at, end)
-        assert [described(e) for e in ours.receive_data(chunk)] == [described(e) for e in theirs.receive_data(chunk)]
-        assert ours.data_to_send() == theirs.data_to_send()
+    cuts = list(itertools.accumulate(reads))
+    ack = wire.find(SETTINGS_ACK)
+    seen = []
+    for server, reads in ((ours, cuts), (theirs, cuts + [ack + len(SETTINGS_ACK)] if ack >= 0 else cuts)):
+        events: list[object] = []
+        sent = server.data_to_send()
+        for chunk in split(wire, reads):
+            events += [described(e) for e in server.receive_data(chunk)]
+            sent += server.data_to_send()
+        seen.append((events, sent))
+    assert seen[0] == seen[1]
+
+
+#: A SETTINGS frame acknowledging the other side's settings.
+SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """
+    C{data} cut at each of C{cuts} (beyond its end: not cut).
+    """
+    ends = sorted({cut for cut in cuts if 0 < cut < len(data)} | {len(data)})
+    return [data[start:end] for start, end in zip([0, *ends], ends)]
+
+
+def test_frames_as_large_as_just_acknowledged_are_taken_in_the_same_read() -> None:
+    """
+    A client that acknowledges resticd's larger frame size and sends a
+    256 KiB DATA frame right after, both arriving in one read (TLS records
+    decrypted together), has its upload taken, not its connection ended.
+    """
+    server = configured(ResticH2Connection().conn)
+    server.data_to_send()
+    client = H2Connection(H2Configuration(client_side=True))
+    wire = opening(client)
+    client.send_headers(1, [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")])
+    payload = os.urandom(MAX_FRAME_SIZE)
+    client.send_data(1, payload, end_stream=True)
+    events = server.receive_data(wire + client.data_to_send())
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived)) == payload
 
 
 def started(server: H2Connection) -> H2Connection:
