@@ -4,6 +4,7 @@ Where resticd spends its time on one workload, run by hand::
 
     .venv/bin/python bench/hotspots.py upload [--https] [--with perf|py-spy] [--count N]
     .venv/bin/python bench/hotspots.py requests [--count N]
+    .venv/bin/python bench/hotspots.py h2-receive [--count N]
 
 For C{upload}, C{download}, C{range} and C{head} it starts one daemon (the
 way bench/run.py does, on a fresh data directory, plain http or https),
@@ -13,7 +14,9 @@ C{--with perf} (Linux C{perf}) or C{--with py-spy}, that profiler records
 the daemon during the measured part only, and the heaviest functions are
 printed. C{requests} measures and profiles (C{cProfile}) the Python cost of
 one HEAD and one range answer inside this process, through the real site
-but without sockets. No peer server: bench/run.py is the comparison; this
+but without sockets. C{h2-receive} measures, in this process, the CPU time
+resticd's HTTP/2 connection takes to receive an upload's DATA frames, against
+the h2 library's own connection, for reads of several sizes. No peer server: bench/run.py is the comparison; this
 is the microscope for a change (run it on two checkouts to compare them,
 as bench/README.md shows).
 """
@@ -47,10 +50,10 @@ SERVED = ("upload", "download", "range", "head")
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Where resticd spends its time on one workload (run by hand; see bench/README.md).")
-    parser.add_argument("workload", choices=(*SERVED, "requests"))
+    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive"))
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
-    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download) or requests (range, head, requests); defaults: 128, 128, 20000, 20000, 2000")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests) or MiB (h2-receive); defaults: 128, 128, 20000, 20000, 2000, 512")
     parser.add_argument("--out", type=Path, help="keep the profiler's recording here (default: a temporary file)")
     parser.add_argument("--top", type=int, default=30, help="functions to print (default 30)")
     parser.add_argument("--warm-memory", type=float, default=2.0, metavar="GIB",
@@ -60,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "requests": 2_000}
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "requests": 2_000, "h2-receive": 512}
 
 
 def start_recording(profiler: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -256,12 +259,79 @@ def requests(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def h2_receive(args: argparse.Namespace) -> None:
+    """
+    CPU time per GiB to receive one upload's DATA frames (256 KiB, as Go's
+    HTTP/2 client sends them to resticd) on resticd's HTTP/2 connection and
+    on the h2 library's, the same bytes cut into reads of several sizes.
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+    from resticd.h2 import ResticH2Connection, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
+    from resticd.memory import keep_large_buffers
+
+    keep_large_buffers()  # as the daemon does at startup
+    settings: dict[h2.settings.SettingCodes | int, int] = {
+        h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+    }
+
+    def server(ours: bool) -> h2.connection.H2Connection:
+        """A server connection that has sent resticd's settings (see data_to_send)."""
+        conn = ResticH2Connection().conn if ours else h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        conn.update_settings(settings)
+        conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
+        return conn
+
+    # What the client sends: its preamble and settings, the acknowledgement of
+    # the server's settings, a request's headers, then its body in frames.
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    opening = client.data_to_send()
+    peer = server(ours=False)
+    peer.receive_data(opening)
+    client.receive_data(peer.data_to_send())
+    client.send_headers(1, [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")])
+    opening += client.data_to_send()
+    frame = random.Random(3).randbytes(MAX_FRAME_SIZE)
+    header = MAX_FRAME_SIZE.to_bytes(3, "big") + bytes([0, 0]) + (1).to_bytes(4, "big")
+    frames = (args.count or DEFAULT_COUNT["h2-receive"]) * run.MiB // MAX_FRAME_SIZE
+    wire = (header + frame) * frames
+    body = frames * MAX_FRAME_SIZE
+    print(f"receiving {body // run.MiB} MiB of 256 KiB DATA frames, CPU seconds per GiB (in process;"
+          " h2: the h2 library's connection, as Twisted uses it):")
+    print(f"{'read size':>10}  {'resticd':>8}  {'h2':>8}")
+    for read in (16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20):
+        costs = []
+        for ours in (True, False):
+            conn = server(ours)
+            conn.data_to_send()
+            # (h2 refuses frames larger than 16 KiB in the read that
+            # acknowledges its larger frame size: that comes in a read of its own.)
+            conn.receive_data(opening)
+            received = 0
+            started = time.process_time()
+            for at in range(0, len(wire), read):
+                for event in conn.receive_data(wire[at : at + read]):
+                    if isinstance(event, h2.events.DataReceived):
+                        received += event.flow_controlled_length
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                conn.data_to_send()
+            costs.append((time.process_time() - started) * run.GiB / received)
+            assert received == body
+        print(f"{read >> 10:>7} KiB  {costs[0]:8.3f}  {costs[1]:8.3f}")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, run.on_sigterm)
     try:
         if args.workload == "requests":
             requests(args)
+        elif args.workload == "h2-receive":
+            h2_receive(args)
         else:
             served(args)
     except KeyboardInterrupt:
