@@ -268,6 +268,7 @@ def h2_receive(args: argparse.Namespace) -> None:
     import h2.config
     import h2.connection
     import h2.events
+    import h2.settings
     from resticd.h2 import ResticH2Connection, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
     from resticd.memory import keep_large_buffers
 
