@@ -268,22 +268,16 @@ def h2_receive(args: argparse.Namespace) -> None:
     import h2.config
     import h2.connection
     import h2.events
-    import h2.settings
-    from resticd.h2 import ResticH2Connection, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
+    from resticd.h2 import MAX_FRAME_SIZE, ResticH2Connection, announce_settings
     from resticd.memory import keep_large_buffers
 
     keep_large_buffers()  # as the daemon does at startup
-    settings: dict[h2.settings.SettingCodes | int, int] = {
-        h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-    }
 
     def server(ours: bool) -> h2.connection.H2Connection:
         """A server connection that has sent resticd's settings (see data_to_send)."""
         conn = ResticH2Connection().conn if ours else h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         conn.initiate_connection()
-        conn.update_settings(settings)
-        conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
+        announce_settings(conn)
         return conn
 
     # What the client sends: its preamble and settings, the acknowledgement of

@@ -234,6 +234,17 @@ class _QuietConnection(h2.connection.H2Connection):
         return super()._receive_frame(frame)
 
 
+def announce_settings(conn: h2.connection.H2Connection) -> None:
+    """
+    Queue resticd's settings on a started server connection: larger frames
+    and windows than HTTP/2's defaults. New settings take effect when the
+    client acknowledges them; the connection window can only be widened by
+    a WINDOW_UPDATE.
+    """
+    conn.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})
+    conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
+
+
 class _SendablePriorityTree(priority.PriorityTree):
     """
     A priority tree that never yields a stream that cannot send now: one
@@ -266,13 +277,7 @@ class ResticH2Connection(H2Connection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # Larger frames and windows than HTTP/2's defaults: new settings take
-        # effect when the client acknowledges them; the connection window can
-        # only be widened by a WINDOW_UPDATE.
-        self.conn.update_settings(
-            {SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
-        )
-        self.conn.increment_flow_control_window(CONNECTION_WINDOW - self.conn.inbound_flow_control_window)
+        announce_settings(self.conn)
         transport: Any = self.transport
         transport.write(self.conn.data_to_send())
 

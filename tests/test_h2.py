@@ -13,12 +13,14 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event
 from h2.exceptions import FrameTooLargeError, ProtocolError, StreamClosedError
-from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 from hypothesis import given, settings
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from hypothesis import strategies as st
 
-from resticd.h2 import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, ResticH2Connection
+from resticd.h2 import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, ResticH2Connection, announce_settings
 
 
 def opened_stream(server: H2Connection) -> H2Connection:
@@ -80,8 +82,7 @@ def configured(server: H2Connection) -> H2Connection:
     (sent: see L{opening}).
     """
     server.initiate_connection()
-    server.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})
-    server.increment_flow_control_window(CONNECTION_WINDOW - server.inbound_flow_control_window)
+    announce_settings(server)
     return server
 
 
@@ -273,3 +274,23 @@ def frames(data: bytes) -> list[Frame]:
         found.append(frame)
         view = view[9 + length :]
     return found
+
+
+def test_a_new_connection_offers_large_frames_and_windows() -> None:
+    """
+    On a new connection resticd tells the client it may send frames of up
+    to 256 KiB, 4 MiB per upload stream and 16 MiB in all before waiting for
+    window updates (HTTP/2's defaults, 16 KiB and 64 KiB, would have Go send
+    a restic pack in hundreds of frames and stall on each window).
+    """
+    channel = ResticH2Connection(MemoryReactorClock())
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.receive_data(transport.value())
+    assert client.max_outbound_frame_size == MAX_FRAME_SIZE == 256 << 10
+    client.send_headers(1, [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")])
+    assert client.local_flow_control_window(1) == STREAM_WINDOW == 4 << 20
+    assert client.outbound_flow_control_window == CONNECTION_WINDOW == 16 << 20
+    channel.connectionLost(Failure(ConnectionDone()))
