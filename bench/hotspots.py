@@ -2,11 +2,12 @@
 """
 Where resticd spends its time on one workload, run by hand::
 
-    .venv/bin/python bench/hotspots.py upload [--https] [--with perf|py-spy] [--count N]
+    .venv/bin/python bench/hotspots.py upload|download|range|head|small [--https] [--with perf|py-spy] [--count N]
     .venv/bin/python bench/hotspots.py requests [--count N]
     .venv/bin/python bench/hotspots.py h2-receive [--count N]
 
-For C{upload}, C{download}, C{range} and C{head} it starts one daemon (the
+For C{upload}, C{download}, C{range}, C{head} and C{small} (small durable
+uploads, as bench/run.py makes them) it starts one daemon (the
 way bench/run.py does, on a fresh data directory, plain http or https),
 uploads what the workload needs, then drives the workload with 8 concurrent
 clients and prints the throughput and the daemon's CPU time per unit. With
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402  (bench/run.py: its server, client and workloads)
 
-SERVED = ("upload", "download", "range", "head")
+SERVED = ("upload", "download", "range", "head", "small")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -53,7 +54,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive"))
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
-    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests) or MiB (h2-receive); defaults: 128, 128, 20000, 20000, 2000, 512")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small) or MiB (h2-receive); defaults: 128, 128, 20000, 20000, 2000, 10000, 512")
     parser.add_argument("--out", type=Path, help="keep the profiler's recording here (default: a temporary file)")
     parser.add_argument("--top", type=int, default=30, help="functions to print (default 30)")
     parser.add_argument("--warm-memory", type=float, default=2.0, metavar="GIB",
@@ -63,7 +64,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "requests": 2_000, "h2-receive": 512}
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "requests": 2_000, "h2-receive": 512}
 
 
 def start_recording(profiler: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -159,9 +160,11 @@ def served(args: argparse.Namespace) -> None:
             print(f"warmed {args.warm_memory:g} GiB of memory in {run.warm_memory(root, args.warm_memory):.1f} s")
         server.start()
         run.create_repo(server, "r")
+        if args.workload == "small":
+            run.create_repo(server, "s")
         # Uploads store their own objects; downloads read as many as they
         # fetch; ranges and HEADs spread over 16.
-        stored = {"upload": 0, "download": count}.get(args.workload, 16)
+        stored = {"upload": 0, "small": 0, "download": count}.get(args.workload, 16)
         objects = run.BigObjects(count if args.workload == "upload" else stored)
         if stored:
             _, errors, _ = run.wl_upload(server, objects, stored)
@@ -174,6 +177,8 @@ def served(args: argparse.Namespace) -> None:
                 m, errors, _ = run.wl_upload(server, objects, count)
             elif args.workload == "download":
                 m, errors, _ = run.wl_download(server, objects, count)
+            elif args.workload == "small":
+                m, errors, _ = run.wl_small(server, run.SmallObjects(count))
             elif args.workload == "range":
                 m, errors, _ = run.wl_range(server, objects, stored, count, seed=1)
             else:

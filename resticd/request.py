@@ -226,10 +226,7 @@ class SpoolingRequest(server.Request):
             self.refusal = site.quota.check(target, self._checked)
             if self.refusal is not None:
                 return
-        try:
-            self.spool_file = site.spool.open()
-        except OSError as e:
-            self.refusal = e
+        self.spool_file = site.spool.open()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._deadline is not None:

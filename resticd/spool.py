@@ -7,15 +7,15 @@ once and never copied again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import tempfile
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from .logs import logger
-from .threads import Runner
+from .threads import Runner, Stopped
 
 log = logger(__name__)
 
@@ -53,6 +53,28 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view[:WRITE_SIZE]) :]
+
+
+_numbers = itertools.count()
+
+
+def create_unique(directory: str, mode: int) -> tuple[int, str]:
+    """
+    Create a new, empty file in C{directory} with C{mode}
+    under a name no other file there has: its descriptor and path
+    (blocking). The names hold the process id and a counter: a daemon's
+    spool is emptied when it starts, and two daemons on one data directory
+    differ in process id.
+    """
+    while True:
+        path = os.path.join(directory, f"upload-{os.getpid()}-{next(_numbers)}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        if mode != 0o600:
+            os.fchmod(fd, mode)
+        return fd, path
 
 
 def resume_all(waiting: list[Callable[[], object]]) -> None:
@@ -124,10 +146,14 @@ class SpoolFile:
         budget: WriteBudget | None = None,
         hashed: bool = True,
     ) -> None:
-        fd, self.path = tempfile.mkstemp(dir=directory, prefix="upload-")
-        if mode != 0o600:
-            os.fchmod(fd, mode)
-        self._fd: int | None = fd
+        self.directory = directory
+        self.mode = mode
+        #: The file's path once it exists: it is made by the first write, in
+        #: a worker thread (creating a file can wait for the disk), or, for a
+        #: small body, by L{sync} together with its fsync.
+        self.path: str | None = None
+        self._fd: int | None = None
+        self._closed = False
         self._hash = hashlib.sha256() if hashed else None
         self._run = run
         self.budget = budget
@@ -142,6 +168,18 @@ class SpoolFile:
         self._dropped = False
         self.size = 0
         self.error: OSError | None = None
+
+    def _open(self) -> int:
+        """
+        The file's descriptor, creating the file first if need be (blocking).
+        """
+        if self._fd is not None:
+            return self._fd
+        if self._closed:
+            raise OSError("spool file already closed")
+        fd, self.path = create_unique(self.directory, self.mode)
+        self._fd = fd
+        return fd
 
     def write(self, data: bytes) -> None:
         """
@@ -216,13 +254,14 @@ class SpoolFile:
         """
         Hash and write some pieces (in a worker thread when there is a runner).
         """
-        if self.error is not None or self._fd is None:
+        if self.error is not None or self._closed:
             return
         try:
+            fd = self._open()
             for data in pieces:
                 if self._hash is not None:
                     self._hash.update(data)
-                write_all(self._fd, data)
+                write_all(fd, data)
         except OSError as e:
             self.error = e
 
@@ -254,14 +293,13 @@ class SpoolFile:
         """
         return None if self._hash is None else self._hash.hexdigest()
 
-    def sync(self) -> None:
+    def sync(self) -> str:
         """
         Write what L{flush} left to write, flush the file to stable storage
-        and close it (blocking; after L{flush}).
+        and close it (blocking; after L{flush}); the file's path.
         """
-        if self._fd is None:
-            raise OSError("spool file already closed")
-        fd, self._fd = self._fd, None
+        fd = self._open()
+        self._fd, self._closed = None, True
         try:
             unwritten, self._unwritten = self._unwritten, None
             if unwritten:
@@ -269,30 +307,52 @@ class SpoolFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+        assert self.path is not None
+        return self.path
 
     def remove(self) -> None:
         """
         Close and remove the file at once (blocking; no writes may be queued).
         Safe to call more than once.
         """
+        self._closed = True
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        path, self.path = self.path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def discard(self) -> None:
         """
-        Drop what is queued and remove the file once the worker threads are
-        done with it. Safe to call more than once, from the reactor thread.
+        Drop what is queued and remove the file (in a worker thread when
+        there is a runner) once the worker threads are done with it. Safe to
+        call more than once, from the reactor thread.
         """
         self._dropped = True
         self._unwritten = None
         self._pending = []
         self._pending_size = 0
-        self._tail.addBoth(lambda ignored: self.remove())
+
+        def remove(ignored: object) -> Deferred[None]:
+            if self.path is None and self._fd is None:
+                self._closed = True  # nothing was made, and nothing will be
+                return succeed(None)
+            if self._run is not None:
+                try:
+                    return self._run(self.remove)
+                except Stopped:  # a connection closed late in a shutdown
+                    pass
+            self.remove()
+            return succeed(None)
+
+        def failed(failure: Failure) -> None:
+            log.failure("removing a spool file failed", failure)
+
+        self._tail = self._tail.addBoth(remove).addErrback(failed)
 
 
 class Spool:

@@ -278,16 +278,16 @@ class Store:
                 if not os.path.isdir(self.contained(layout.repo_dir(repo))):
                     raise NotFound("no such repository") from None
                 self.contained(directory)
-            spool.sync()
+            path = spool.sync()
             if directory_fd is None:
                 self._ensure_dir(directory)
                 directory_fd = self.open_contained(directory, os.O_PATH | os.O_DIRECTORY)
             while True:
                 try:
-                    os.link(spool.path, base, dst_dir_fd=directory_fd)
+                    os.link(path, base, dst_dir_fd=directory_fd)
                     break
                 except FileExistsError:
-                    same = self._same_content(final, spool)
+                    same = self._same_content(final, spool, path)
                     if same is None:
                         continue  # deleted meanwhile: store ours after all
                     if same:
@@ -300,17 +300,18 @@ class Store:
                 os.close(directory_fd)
             spool.remove()
 
-    def _same_content(self, path: str, spool: SpoolFile) -> bool | None:
+    def _same_content(self, path: str, spool: SpoolFile, spooled: str) -> bool | None:
         """
         Whether the regular file at C{path} (never followed if it is a
-        symbolic link) holds exactly what C{spool} holds (read back when it
-        was not hashed); L{None} when there is no file there (any more).
+        symbolic link) holds exactly what C{spool}, synced to C{spooled},
+        holds (read back when it was not hashed); L{None} when there is no
+        file there (any more).
         """
         try:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode) or st.st_size != spool.size:
                 return False
-            return sha256_file(path) == (spool.hexdigest() or sha256_file(spool.path))
+            return sha256_file(path) == (spool.hexdigest() or sha256_file(spooled))
         except FileNotFoundError:
             return None
 

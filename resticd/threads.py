@@ -23,6 +23,13 @@ T = TypeVar("T")
 Done = Callable[[bool, Any], object]
 
 
+class Stopped(RuntimeError):
+    """
+    The worker threads are stopped (the daemon is shutting down): no more
+    calls are taken.
+    """
+
+
 class Runner(Protocol):
     """
     Runs a blocking callable somewhere and returns a L{Deferred} of its result.
@@ -84,7 +91,7 @@ class WorkerThreads:
         C{done(False, failure)} if it raised, in the same thread.
         """
         if self._stopped:
-            raise RuntimeError("the worker threads are stopped")
+            raise Stopped("the worker threads are stopped")
         self._calls.put((done, f, args))
 
     def _work(self) -> None:

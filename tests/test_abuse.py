@@ -402,11 +402,12 @@ def test_stalled_body_is_cut_off(daemon):
     C{--request-timeout}, the connection is closed and its spool file
     removed, and nothing is stored.
     """
-    body = random_body(1000, 6)
+    body = random_body(MIB + 1000, 6)
     name = sha256_hex(body)
     sock = raw(daemon)
-    sock.sendall(head("POST", f"/r/keys/{name}", len(body)))
-    dripped = 0
+    # A first MiB at once: enough for a piece to be written to a spool file.
+    sock.sendall(head("POST", f"/r/keys/{name}", len(body)) + body[:MIB])
+    dripped = MIB
     for _ in range(6):  # 3 s of progress, more than the 2 s timeout
         sock.sendall(body[dripped : dripped + 1])
         dripped += 1
@@ -657,7 +658,9 @@ def test_stalled_body_is_aborted_in_memory(tmp_path):
     server = make_server(str(tmp_path / "data"), request_timeout=5.0)
     assert server.client is not None
     conn = Connection(server)
-    conn.send(b"POST /r/keys/" + b"0" * 64 + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    # A first MiB at once, written to a spool file; then a byte at a time.
+    conn.send(b"POST /r/keys/" + b"0" * 64 + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MIB + 100))
+    conn.send(b"x" * MIB)
     for _ in range(4):
         server.reactor.advance(4.0)
         conn.send(b"x")
@@ -865,9 +868,9 @@ def test_identical_upload_racing_a_delete_is_not_refused(tmp_path, monkeypatch):
     first.lose()
     compare = server.store._same_content
 
-    def deleted_meanwhile(path: str, spool: object) -> bool | None:
+    def deleted_meanwhile(path: str, spool: object, spooled: str) -> bool | None:
         os.unlink(path)  # the racing DELETE
-        return compare(path, spool)  # type: ignore[arg-type]
+        return compare(path, spool, spooled)  # type: ignore[arg-type]
 
     monkeypatch.setattr(server.store, "_same_content", deleted_meanwhile)
     second = Connection(server)
@@ -903,7 +906,7 @@ def _modes_after_use(daemon: Daemon) -> dict[str, int]:
     fanout.rmdir()
     assert call(conn, "POST", f"/m/n/data/{sha256_hex(body)}", body)[0] == 200
     sock = raw(daemon)
-    sock.sendall(head("POST", f"/m/keys/{'0' * 64}", 1000) + b"x" * 10)
+    sock.sendall(head("POST", f"/m/keys/{'0' * 64}", 2 * MIB) + b"x" * (MIB + 10))  # a piece is written
     assert wait_for(lambda: len(daemon.spool_files()) == 1, 5)
     spool_file = daemon.spool / daemon.spool_files()[0]
     modes = {"spool file": stat.S_IMODE(os.stat(spool_file).st_mode)}

@@ -807,10 +807,10 @@ def test_shutdown_timeout_cuts_off_a_stalled_upload(tmp_path):
     """
     with launched(tmp_path, "--shutdown-timeout", "1") as daemon:
         assert request(daemon.port, "POST", "/r/?create=true")[0] == 200
-        body = random.Random(8).randbytes(MIB)
+        body = random.Random(8).randbytes(3 * MIB)
         upload = Upload(daemon.port, "r", body)
         upload.connect()
-        upload.send(body[: len(body) // 2])
+        upload.send(body[: len(body) // 2])  # more than the first MiB, written to the spool
         wait_for(lambda: os.listdir(daemon.spool), TIMEOUT, "the upload to reach the spool")
         sigterm = daemon.terminate()
         status = daemon.wait_exit(EXIT_TIMEOUT)

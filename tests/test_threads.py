@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import LogLevel
 
-from resticd.threads import PoolRunner, WorkerThreads
+from resticd.threads import PoolRunner, Stopped, WorkerThreads
 
 from .logcapture import LogCapture
 from .tools import wait_for
@@ -142,7 +142,7 @@ def test_stop_finishes_queued_calls_ends_the_threads_and_refuses_more() -> None:
     threads.stop()
     assert results.qsize() == 20
     assert not [t for t in threading.enumerate() if t.name.startswith("resticd-test-stop")]
-    with pytest.raises(RuntimeError, match="stopped"):
+    with pytest.raises(Stopped, match="stopped"):
         threads.call(done, time.sleep, 0)
 
 

@@ -25,7 +25,7 @@ from resticd.request import SpoolingRequest
 from resticd.paths import Layout
 from resticd.spool import BACKLOG, PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget
 from resticd.store import Store
-from resticd.threads import run_inline
+from resticd.threads import Stopped, run_inline
 
 from .logcapture import LogCapture
 from .web import Server, make_server, name_of
@@ -62,8 +62,8 @@ def test_body_streams_into_the_spool_and_is_hashed(server: Server) -> None:
         request.handleContentChunk(body[i : i + 65536])
     spool = request.spool_file
     assert spool is not None
-    assert os.path.dirname(spool.path) == server.layout.spool_dir()
     spool.flush()
+    assert spool.path is not None and os.path.dirname(spool.path) == server.layout.spool_dir()
     with open(spool.path, "rb") as f:
         assert f.read() == body
     assert spool.hexdigest() == name_of(body)
@@ -166,9 +166,9 @@ def test_unhashed_spool_file_has_no_digest(tmp_path) -> None:
         spool = Spool(str(tmp_path), hashed=hashed).open()
         spool.write(body)
         spool.flush()
-        spool.sync()
+        path = spool.sync()
         assert spool.hexdigest() == digest
-        with open(spool.path, "rb") as f:
+        with open(path, "rb") as f:
             assert f.read() == body
         spool.remove()
 
@@ -240,6 +240,29 @@ async def test_server_fault_is_plain_500(tmp_path) -> None:
     assert b"boom" not in reply.body and b"Traceback" not in reply.body
 
 
+@ensure
+async def test_a_spool_file_that_cannot_be_made_is_a_plain_500(repo: Server, logged: LogCapture) -> None:
+    """
+    When the spool file cannot be made (its directory was removed from under
+    the daemon), a small upload and a large one both answer 500, store
+    nothing, are logged once each and leave the daemon serving: once the
+    directory is back, the same uploads are stored.
+    """
+    os.rmdir(repo.layout.spool_dir())
+    bodies = [b"s" * 100, os.urandom(PIECE + 1)]  # one made with its fsync, one by its first write
+    for body in bodies:
+        reply = await repo.client.post(f"/r/data/{name_of(body)}", body)
+        assert reply.code == 500, reply.body
+        assert (await repo.client.head(f"/r/data/{name_of(body)}")).code == 404
+    failures = logged.texts(LogLevel.critical)
+    assert [f"POST /r/data/{name_of(body)} failed" for body in bodies] == failures, "each logged once"
+    os.mkdir(repo.layout.spool_dir())
+    for body in bodies:
+        assert (await repo.client.post(f"/r/data/{name_of(body)}", body)).code == 200
+        assert (await repo.client.get(f"/r/data/{name_of(body)}")).body == body
+    assert repo.spool_files() == []
+
+
 def test_spool_clean_removes_crash_leftovers(tmp_path) -> None:
     """
     Spool files left by a crash are removed by the startup cleanup.
@@ -256,8 +279,12 @@ def test_spool_modes(tmp_path) -> None:
     """
     Spool files are created 0600, or 0660 with group-accessible repositories.
     """
-    assert os.stat(Spool(str(tmp_path)).open().path).st_mode & 0o777 == 0o600
-    assert os.stat(Spool(str(tmp_path), 0o660).open().path).st_mode & 0o777 == 0o660
+    for mode in (0o600, 0o660):
+        spool = Spool(str(tmp_path / oct(mode)), mode)
+        os.mkdir(spool.directory)
+        spool.open().write(b"x")
+        (name,) = os.listdir(spool.directory)
+        assert os.stat(os.path.join(spool.directory, name)).st_mode & 0o777 == mode
 
 
 @pytest.fixture
@@ -372,7 +399,7 @@ def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
     for i in range(0, len(body), 65536):
         spool.write(body[i : i + 65536])
     assert len(runner.queued) == 1
-    assert os.path.getsize(spool.path) == 0
+    assert os.listdir(tmp_path) == [], "the file was made on the reactor thread"
     flushed = spool.flush()
     assert not flushed.called
     sizes = []
@@ -381,6 +408,7 @@ def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
         runner.release()
     assert sizes[:3] == [PIECE] * 3 and sum(sizes) == len(body)
     assert flushed.called
+    assert spool.path is not None and os.path.dirname(spool.path) == str(tmp_path)
     with open(spool.path, "rb") as f:
         assert f.read() == body
     assert spool.hexdigest() == name_of(body)
@@ -405,7 +433,7 @@ def test_small_body_takes_one_trip_to_the_workers(tmp_path) -> None:
     flushed = spool.flush()
     assert flushed.called and runner.queued == []
     assert spool.hexdigest() == name_of(body)
-    assert os.path.getsize(spool.path) == 0
+    assert os.listdir(store.layout.spool_dir()) == [], "the file was made before the worker call"
     assert store.publish(spool, ("r",), "data", name_of(body)) is True
     with open(store.layout.object_path(("r",), "data", name_of(body)), "rb") as f:
         assert f.read() == body
@@ -427,10 +455,57 @@ def test_discard_waits_for_queued_writes(tmp_path) -> None:
     spool.write(os.urandom(PIECE))
     spool.write(b"more")
     spool.discard()
-    assert os.path.exists(spool.path)
     runner.release()
+    assert spool.path is not None and os.path.getsize(spool.path) == PIECE
+    runner.release()  # the removal, also in a worker
     assert runner.queued == []
     assert os.listdir(tmp_path) == []
+
+
+def test_an_upload_dropped_before_its_first_write_makes_no_file(tmp_path) -> None:
+    """
+    An upload dropped before anything of it was written (a small body cut
+    off or refused) never makes a spool file, and dropping it takes no trip
+    to the worker threads.
+    """
+    runner = HeldWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
+    spool.write(b"the start of a body")
+    spool.discard()
+    spool.write(b"and what came after it was dropped")
+    assert spool.flush().called
+    assert runner.queued == [] and os.listdir(tmp_path) == [] and spool.path is None
+
+
+class StoppingWrites(HeldWrites):
+    """
+    Held writes, until the worker threads are stopped: then every call is
+    refused, as L{resticd.threads.WorkerThreads} refuses them.
+    """
+
+    stopped = False
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        if self.stopped:
+            raise Stopped("the worker threads are stopped")
+        return super().__call__(f, *args)
+
+
+def test_a_file_dropped_after_the_workers_stopped_is_removed_at_once(tmp_path, logged: LogCapture) -> None:
+    """
+    An upload dropped once the worker threads have stopped (its connection
+    closed late in a shutdown) has its spool file removed on the spot, and
+    no failure is logged.
+    """
+    runner = StoppingWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
+    spool.write(os.urandom(PIECE))
+    runner.release()
+    assert len(os.listdir(tmp_path)) == 1
+    runner.stopped = True
+    spool.discard()
+    assert os.listdir(tmp_path) == []
+    assert logged.texts(LogLevel.critical) == []
 
 
 def test_write_backlog_pauses_the_client(server: Server) -> None:
@@ -454,6 +529,7 @@ def test_write_backlog_pauses_the_client(server: Server) -> None:
     request.spool_file.flush()
     while runner.queued:
         runner.release()
+    assert request.spool_file.path is not None
     with open(request.spool_file.path, "rb") as f:
         assert f.read() == body
 
@@ -509,6 +585,7 @@ def test_a_failing_resume_is_logged_and_neither_stops_the_others_nor_the_writes(
     spool.flush()
     while runner.queued:
         runner.release()
+    assert spool.path is not None
     with open(spool.path, "rb") as f:
         assert f.read() == body + b"tail"
 
@@ -547,6 +624,7 @@ def test_one_upload_far_behind_its_writes_pauses_its_client(server: Server) -> N
     request.spool_file.flush()
     while runner.queued:
         runner.release()
+    assert request.spool_file.path is not None
     with open(request.spool_file.path, "rb") as f:
         assert f.read() == body
 
