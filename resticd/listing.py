@@ -4,7 +4,6 @@ Object listings in the two formats of restic's REST protocol.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Final
 
@@ -34,12 +33,13 @@ def format_entries(entries: Iterable[tuple[str, int]], v2: bool, first: bool) ->
     C{{"name", "size"}} objects (v2), preceded by a comma unless C{first}.
 
     Pieces joined between C{[} and C{]} form the whole listing, so a listing
-    can be sent while it is still being read from disk.
+    can be sent while it is still being read from disk. The names are
+    object names (64 hexadecimal digits), which JSON takes as they are.
     """
     if v2:
-        items = [json.dumps({"name": name, "size": size}) for name, size in entries]
+        items = ['{"name":"%s","size":%d}' % entry for entry in entries]
     else:
-        items = [json.dumps(name) for name, _ in entries]
+        items = ['"%s"' % name for name, _ in entries]
     if not items:
         return b""
     text = ",".join(items)

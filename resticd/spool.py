@@ -60,11 +60,10 @@ _numbers = itertools.count()
 
 def create_unique(directory: str, mode: int) -> tuple[int, str]:
     """
-    Create a new, empty file in C{directory} with C{mode}
-    under a name no other file there has: its descriptor and path
-    (blocking). The names hold the process id and a counter: a daemon's
-    spool is emptied when it starts, and two daemons on one data directory
-    differ in process id.
+    Create a new, empty file in C{directory} with C{mode} under a name no
+    other file there has: its descriptor and path (blocking). The names
+    hold the process id and a counter (a daemon's spool is emptied when it
+    starts); should one be taken all the same, the next number is tried.
     """
     while True:
         path = os.path.join(directory, f"upload-{os.getpid()}-{next(_numbers)}")

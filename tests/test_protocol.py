@@ -5,18 +5,24 @@ through the real site and request objects, in memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
 
 import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from resticd.resources import StoredFile
+from resticd.threads import run_inline
 
+from .logcapture import LogCapture
+from .test_access import Connection
 from .web import V2, Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
@@ -203,6 +209,84 @@ async def test_data_listing_spans_fanout_dirs(repo: Server) -> None:
     reply = await client.get("/r/data/", accept=V2)
     listed = {e["name"]: e["size"] for e in json.loads(reply.body)}
     assert listed == {name_of(b): len(b) for b in bodies}
+
+
+class HeldListings:
+    """
+    A runner that holds directory reads (C{Store.list_dir}) until released
+    and runs everything else at once.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+        self.asked = 0
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        if getattr(f, "__name__", "") != "list_dir":
+            return run_inline(f, *args)
+        d: Deferred[Any] = Deferred()
+        self.held.append((d, f, args))
+        self.asked += 1
+        return d
+
+    def release(self, error: Exception | None = None) -> None:
+        """
+        Finish the oldest read held, or fail it with C{error}.
+        """
+        d, f, args = self.held.pop(0)
+        if error is not None:
+            d.errback(error)
+        else:
+            run_inline(f, *args).chainDeferred(d)
+
+
+def listing_of_data(tmp_path: Any) -> tuple[Server, HeldListings, Connection, list[bytes]]:
+    """
+    A server whose directory reads are held, with objects in data/00/ and
+    data/01/, and a connection that has asked for their v2 listing.
+    """
+    reads = HeldListings()
+    server = make_server(str(tmp_path / "data"), run=reads)
+    server.store.create_repo(("r",))
+    bodies = []
+    for prefix in ("00", "01"):
+        body = next(b for b in (b"%d" % i for i in range(100_000)) if name_of(b).startswith(prefix))
+        bodies.append(body)
+        path = stored(server, "r", "data", prefix, name_of(body))
+        with open(path, "wb") as f:
+            f.write(body)
+    connection = Connection(server.site)
+    connection.send_head("GET", "/r/data/", {"Accept": V2})
+    assert len(reads.held) == 1, "the listing did not start with one directory read"
+    return server, reads, connection, bodies
+
+
+def test_a_listing_whose_client_went_away_stops_reading(tmp_path) -> None:
+    """
+    When the client of a listing goes away, the directory being read is the
+    last one read.
+    """
+    server, reads, connection, bodies = listing_of_data(tmp_path)
+    reads.release()
+    connection.protocol.connectionLost(Failure(ConnectionDone("the client went away")))
+    reads.release()
+    assert reads.held == [] and reads.asked == 2
+
+
+def test_a_listing_that_fails_after_it_began_is_cut_and_logged(tmp_path, logged: LogCapture) -> None:
+    """
+    A directory that cannot be read once the listing has begun cuts the
+    connection (the client sees an incomplete answer, never a short but
+    valid listing), reads nothing more and is logged once.
+    """
+    server, reads, connection, bodies = listing_of_data(tmp_path)
+    reads.release()
+    assert name_of(bodies[0]).encode() in connection.transport.value(), "the listing had not begun"
+    reads.release(OSError(errno.EIO, "Input/output error"))
+    assert connection.transport.disconnected, "the connection was not cut"
+    assert not connection.transport.value().endswith(b"0\r\n\r\n"), "the answer was ended"
+    assert reads.held == []
+    assert logged.texts(LogLevel.critical) == ["listing data of /r/ failed"]
 
 
 @ensure

@@ -23,7 +23,7 @@ from twisted.web.http import HTTPChannel
 from resticd.errors import Forbidden
 from resticd.request import SpoolingRequest
 from resticd.paths import Layout
-from resticd.spool import BACKLOG, PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget
+from resticd.spool import BACKLOG, PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget, create_unique
 from resticd.store import Store
 from resticd.threads import Stopped, run_inline
 
@@ -285,6 +285,27 @@ def test_spool_modes(tmp_path) -> None:
         spool.open().write(b"x")
         (name,) = os.listdir(spool.directory)
         assert os.stat(os.path.join(spool.directory, name)).st_mode & 0o777 == mode
+
+
+def test_spool_files_never_take_a_name_in_use(tmp_path) -> None:
+    """
+    A spool file is never made under a name a file already has (one left
+    with the same process id and number): the next number is taken, and
+    the file that was there stays as it was.
+    """
+    fd, first = create_unique(str(tmp_path), 0o600)
+    os.close(fd)
+    prefix, number = first.rsplit("-", 1)
+    taken = [f"{prefix}-{int(number) + k}" for k in (1, 2)]
+    for path in taken:
+        with open(path, "wb") as f:
+            f.write(b"left behind")
+    fd, made = create_unique(str(tmp_path), 0o600)
+    os.close(fd)
+    assert made == f"{prefix}-{int(number) + 3}"
+    for path in taken:
+        with open(path, "rb") as f:
+            assert f.read() == b"left behind"
 
 
 @pytest.fixture
