@@ -251,7 +251,8 @@ class SpoolFile:
 
     def _write_now(self, *pieces: bytes) -> None:
         """
-        Hash and write some pieces (in a worker thread when there is a runner).
+        Hash and write some pieces (in a worker thread when there is a
+        runner), making the file with the first.
         """
         if self.error is not None or self._closed:
             return
@@ -294,8 +295,9 @@ class SpoolFile:
 
     def sync(self) -> str:
         """
-        Write what L{flush} left to write, flush the file to stable storage
-        and close it (blocking; after L{flush}); the file's path.
+        Write what L{flush} left to write (making the file first when
+        nothing was written before), flush the file to stable storage and
+        close it (blocking; after L{flush}); the file's path.
         """
         fd = self._open()
         self._fd, self._closed = None, True
@@ -377,7 +379,7 @@ class Spool:
 
     def open(self) -> SpoolFile:
         """
-        A new, empty spool file.
+        A new spool file; the file itself is made by its first write.
         """
         return SpoolFile(self.directory, self.mode, self.run, self.budget, self.hashed)
 
