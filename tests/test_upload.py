@@ -411,8 +411,9 @@ class HeldWrites:
 def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
     """
     With worker threads, the body is hashed and written in pieces of a MiB,
-    not per network read, one after another; the digest and file are
-    complete once the writes are flushed.
+    not per network read, one after another, and its spool file is made by
+    the first of those writes, not before; the digest and file are complete
+    once the writes are flushed.
     """
     runner = HeldWrites()
     spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
@@ -439,9 +440,10 @@ def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
 def test_small_body_takes_one_trip_to_the_workers(tmp_path) -> None:
     """
     A small body (up to SMALL_BODY) is hashed when it is flushed, without
-    a trip to the worker threads, and written by the same worker call that
-    fsyncs and publishes it; the stored object is complete and named by
-    its digest. A body one byte over goes to the workers as before.
+    a trip to the worker threads; its spool file is made and written by the
+    same worker call that fsyncs and publishes it (nothing is made before);
+    the stored object is complete and named by its digest. A body one byte
+    over goes to the workers as before.
     """
     store = Store(Layout(str(tmp_path / "store")))
     store.prepare_root()
