@@ -408,6 +408,19 @@ class HeldWrites:
         run_inline(f, *args).chainDeferred(d)
 
 
+def flushed_content(spool: SpoolFile | None, runner: HeldWrites) -> bytes:
+    """
+    Flush C{spool}, run every write queued in C{runner}; what its file holds.
+    """
+    assert spool is not None
+    spool.flush()
+    while runner.queued:
+        runner.release()
+    assert spool.path is not None
+    with open(spool.path, "rb") as f:
+        return f.read()
+
+
 def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
     """
     With worker threads, the body is hashed and written in pieces of a MiB,
@@ -548,13 +561,7 @@ def test_write_backlog_pauses_the_client(server: Server) -> None:
     while runner.queued:
         runner.release()
     assert transport.producerState == "producing"
-    assert request.spool_file is not None
-    request.spool_file.flush()
-    while runner.queued:
-        runner.release()
-    assert request.spool_file.path is not None
-    with open(request.spool_file.path, "rb") as f:
-        assert f.read() == body
+    assert flushed_content(request.spool_file, runner) == body
 
 
 def test_an_upload_far_behind_its_writes_reports_it_and_when_it_caught_up(tmp_path) -> None:
@@ -605,12 +612,7 @@ def test_a_failing_resume_is_logged_and_neither_stops_the_others_nor_the_writes(
     assert len([t for t in logged.texts(LogLevel.critical) if "resuming an upload failed" in t]) == 1
     assert spool.error is None
     spool.write(b"tail")
-    spool.flush()
-    while runner.queued:
-        runner.release()
-    assert spool.path is not None
-    with open(spool.path, "rb") as f:
-        assert f.read() == body + b"tail"
+    assert flushed_content(spool, runner) == body + b"tail"
 
 
 def test_one_upload_far_behind_its_writes_pauses_its_client(server: Server) -> None:
@@ -644,12 +646,7 @@ def test_one_upload_far_behind_its_writes_pauses_its_client(server: Server) -> N
             continue
         request.handleContentChunk(body[sent : sent + 65536])
         sent += 65536
-    request.spool_file.flush()
-    while runner.queued:
-        runner.release()
-    assert request.spool_file.path is not None
-    with open(request.spool_file.path, "rb") as f:
-        assert f.read() == body
+    assert flushed_content(request.spool_file, runner) == body
 
 
 def release_one_write_of(runner: HeldWrites, spool: SpoolFile | None) -> None:
