@@ -25,13 +25,10 @@ import json
 import os
 import random
 import re
-import shutil
-import subprocess
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
@@ -39,7 +36,7 @@ from .daemon import Daemon, running
 from .test_crash import Findings, Verifier
 from .test_restic import Restic, restic_bin
 from .test_restic_access import fails, small_tree, snapshot_ids
-from .tools import unavailable
+from .tools import mounted
 
 __all__ = ["restic_bin"]
 
@@ -123,14 +120,6 @@ class SmallDisk:
         return self.root / "data"
 
 
-def mount_refused(why: str) -> NoReturn:
-    """
-    A refused mount: a failure in CI, which runs as root and must run the
-    tmpfs variant; a skip elsewhere.
-    """
-    unavailable(f"cannot mount a tmpfs here ({why}); the injected variant covers the same behaviour")
-
-
 @pytest.fixture(params=["tmpfs", "injected"])
 def small_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SmallDisk]:
     """
@@ -150,27 +139,8 @@ def small_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Small
             {"PYTHONPATH": path, "RESTICD_FAKE_DISK_ROOT": str(root), "RESTICD_FAKE_DISK_BYTES": str(CAPACITY)},
         )
         return
-    mount = shutil.which("mount")
-    if mount is None:
-        mount_refused("no mount command")
-    try:
-        done = subprocess.run(
-            [mount, "-t", "tmpfs", "-o", f"size={CAPACITY // MIB}m,mode=0700", "tmpfs", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except OSError as e:
-        mount_refused(str(e))
-    if done.returncode != 0:
-        mount_refused(f"mount exited {done.returncode}: {done.stderr.strip()}")
-    try:
+    with mounted("tmpfs", root, f"size={CAPACITY // MIB}m,mode=0700"):
         yield SmallDisk("tmpfs", root)
-    finally:
-        done = subprocess.run(["umount", str(root)], capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(root)], capture_output=True, timeout=30)
-            raise AssertionError(f"cannot unmount {root} (lazily unmounted): {done.stderr}")
 
 
 # -- HTTP -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """
 What several test modules share: the external programs the tests drive
 (required on CI, optional elsewhere), bounded polling, files taken out of
-the page cache, and Twisted's socket transport over a real TCP connection.
+the page cache, filesystems mounted for a test, and Twisted's socket
+transport over a real TCP connection.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,6 +30,34 @@ def unavailable(why: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{why}, and CI must run this test")
     pytest.skip(why)
+
+
+@contextmanager
+def mounted(kind: str, target: Path, options: str = "") -> Iterator[None]:
+    """
+    A real filesystem of type C{kind} (C{mount -t KIND [-o OPTIONS]})
+    mounted on the directory C{target} while the block runs, unmounted at
+    its end (lazily, and failing the test, if it is busy). Mounting needs
+    root or CAP_SYS_ADMIN: where it is refused, the test is L{unavailable}
+    (CI runs as root).
+    """
+    mount = shutil.which("mount")
+    if mount is None:
+        unavailable(f"cannot mount a {kind} here (no mount command)")
+    argv = [mount, "-t", kind, *(["-o", options] if options else []), kind, str(target)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        unavailable(f"cannot mount a {kind} here ({e})")
+    if done.returncode != 0:
+        unavailable(f"cannot mount a {kind} here (mount exited {done.returncode}: {done.stderr.strip()})")
+    try:
+        yield
+    finally:
+        done = subprocess.run(["umount", str(target)], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
+            raise AssertionError(f"cannot unmount {target} (lazily unmounted): {done.stderr}")
 
 
 def required_program(name: str, package: str | None = None) -> str:
