@@ -78,6 +78,18 @@ def heap_trimmer() -> Callable[[], bool] | None:
     return trim
 
 
+def each_of(trims: list[Callable[[], bool]]) -> Callable[[], bool]:
+    """
+    One trim that runs every one of C{trims} and says whether any of them
+    handed memory back.
+    """
+
+    def trim() -> bool:
+        return any([each() for each in trims])
+
+    return trim
+
+
 class Activity(Protocol):
     """
     What L{IdleTrim} watches: the requests in flight now, and how many have
@@ -123,7 +135,7 @@ class IdleTrim:
     def _trimmed(self, released: object) -> None:
         self._trimming = False
         if released:
-            log.debug("idle: handed the allocator's free memory back to the system")
+            log.debug("idle: handed free memory back to the system")
 
     def _failed(self, failure: Failure) -> None:
         self._trimming = False

@@ -28,7 +28,7 @@ from .config import Config
 from .errors import ErrorResource, Forbidden, NotFound
 from .health import Health, readiness_problems
 from .logs import RequestLogger, describe_address, logger, set_debug
-from .memory import IDLE_TRIM_INTERVAL, IdleTrim, heap_trimmer, keep_large_buffers
+from .memory import IDLE_TRIM_INTERVAL, IdleTrim, each_of, heap_trimmer, keep_large_buffers
 from .paths import Layout, Target
 from .request import RequestLimits, SpoolingRequest
 from .resources import Context, RepoResource
@@ -277,11 +277,14 @@ class ResticdService(service.MultiService):
         self.tls: ReloadingTLS | None = None
         self.in_flight = InFlight()
         self.site.observers.append(self.in_flight)
-        trim = heap_trimmer()
-        if trim is not None:
-            idle = internet.TimerService(IDLE_TRIM_INTERVAL, IdleTrim(self.in_flight, self.run, trim).check)
-            idle.clock = reactor
-            idle.setServiceParent(self)
+        # Once idle: the staging buffers of direct writes, and glibc's heaps.
+        trims = [self.site.spool.direct.release]
+        heap_trim = heap_trimmer()
+        if heap_trim is not None:
+            trims.append(heap_trim)
+        idle = internet.TimerService(IDLE_TRIM_INTERVAL, IdleTrim(self.in_flight, self.run, each_of(trims)).check)
+        idle.clock = reactor
+        idle.setServiceParent(self)
         self.ports: list[IListeningPort] = []
         self._prepared = False
         self._previous_sighup: Any = None

