@@ -170,6 +170,7 @@ def served(args: argparse.Namespace) -> None:
             _, errors, _ = run.wl_upload(server, objects, stored)
             if errors.count:
                 raise SystemExit(f"hotspots.py: uploading the objects failed: {errors.summary()}")
+            run.cache_tree(server.data)  # served from memory, as bench/run.py does
         out = args.out or root / ("perf.data" if args.profiler == "perf" else "py-spy.txt")
         recorder = start_recording(args.profiler, server.pid, out) if args.profiler else None
         try:
