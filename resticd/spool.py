@@ -375,9 +375,10 @@ class SpoolFile:
     def _write_now(self, *pieces: bytes) -> None:
         """
         Hash and write some pieces (in a worker thread when there is a
-        runner), making the file with the first.
+        runner), making the file with the first; none of an upload dropped
+        meanwhile (its file is removed anyway).
         """
-        if self.error is not None or self._closed:
+        if self.error is not None or self._closed or self._dropped:
             return
         try:
             fd = self._open(direct=True)

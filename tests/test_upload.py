@@ -490,21 +490,40 @@ def test_small_body_takes_one_trip_to_the_workers(tmp_path) -> None:
     assert len(runner.queued) == 1
 
 
-def test_discard_waits_for_queued_writes(tmp_path) -> None:
+def test_discard_skips_queued_writes_and_removes_the_file_after_them(tmp_path) -> None:
     """
-    A spool file dropped while a piece is being written is removed once the
-    write is done, and nothing more is written to it.
+    A spool file dropped while pieces wait for the workers gets none of
+    them written (the disk is spared up to BACKLOG bytes of a cancelled
+    upload), and is removed once they are done, by a worker; nothing more is
+    written to it.
     """
     runner = HeldWrites()
     spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
     spool.write(os.urandom(PIECE))
-    spool.write(b"more")
+    runner.release()  # the first piece is in the file
+    assert spool.path is not None
+    path = spool.path
+    spool.write(os.urandom(PIECE))  # the second one waits
     spool.discard()
+    spool.write(b"more")
     runner.release()
-    assert spool.path is not None and os.path.getsize(spool.path) == PIECE
+    assert os.path.getsize(path) == PIECE
     runner.release()  # the removal, also in a worker
     assert runner.queued == []
     assert os.listdir(tmp_path) == []
+
+
+def test_an_upload_dropped_before_its_first_queued_write_ran_makes_no_file(tmp_path) -> None:
+    """
+    An upload dropped while its first piece waits for the workers never
+    makes its spool file, and its removal takes no further trip to them.
+    """
+    runner = HeldWrites()
+    spool = SpoolFile(str(tmp_path), 0o600, runner, WriteBudget())
+    spool.write(os.urandom(PIECE))
+    spool.discard()
+    runner.release()
+    assert runner.queued == [] and os.listdir(tmp_path) == [] and spool.path is None
 
 
 def test_an_upload_dropped_before_its_first_write_makes_no_file(tmp_path) -> None:
