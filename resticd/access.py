@@ -22,7 +22,6 @@ import enum
 import fnmatch
 import os
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -206,6 +205,8 @@ def parse_access_file(text: str) -> AccessFile:
 
     @raise ValueError: with a message naming the offending entry.
     """
+    import tomllib  # here: most daemons have no access file, and it takes ms to import
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -35,13 +35,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
-from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent
 
 from resticd.certs import self_signed
 from resticd.config import Config
-from resticd.service import TLS_CHECK_INTERVAL, ResticdService
+from resticd.service import TLS_CHECK_INTERVAL, Periodic, ResticdService
 from resticd.systemd import notify
 from resticd.threads import run_inline
 from resticd.tls import ReloadingTLS
@@ -673,11 +673,10 @@ def test_service_checks_certificate_files_every_minute(tmp_path, tls_files, monk
     service = ResticdService(config, reactor)
     service.prepare()
     assert service.tls is not None
-    timers = [s for s in service if isinstance(s, TimerService) and s.step == TLS_CHECK_INTERVAL]
+    timers = [s for s in service if isinstance(s, Periodic) and s.interval == TLS_CHECK_INTERVAL]
     assert len(timers) == 1
     timer = timers[0]
     monkeypatch.setattr(service, "run", run_inline)  # the checks' file reads, on this thread
-    timer.clock = reactor
     timer.startService()
     try:
         assert handshake(service.tls) == old.der
@@ -697,6 +696,59 @@ def test_service_checks_certificate_files_every_minute(tmp_path, tls_files, monk
 
 
 @pytest.mark.network
+def test_a_periodic_task_runs_at_once_then_every_interval_one_call_at_a_time() -> None:
+    """
+    A periodic task (the reload checks, the idle trim) runs when the daemon
+    starts and then every interval of its reactor's clock; a call that
+    returns a Deferred is waited for before the next, and stopping waits for
+    the call under way.
+    """
+    clock = MemoryReactorClock()
+    pending: list[Deferred[None]] = []
+
+    def call() -> Deferred[None]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    task = Periodic(5.0, call, clock)
+    task.startService()
+    assert len(pending) == 1
+    clock.advance(5)
+    assert len(pending) == 1, "a second call while the first is under way"
+    pending[0].callback(None)
+    clock.advance(5)
+    assert len(pending) == 2
+    stopped = task.stopService()
+    assert not stopped.called
+    pending[1].callback(None)
+    assert stopped.called
+    clock.advance(60)
+    assert len(pending) == 2
+
+
+def test_a_failing_periodic_call_is_logged_and_the_next_one_still_comes(logged) -> None:
+    """
+    A periodic call that fails is logged once, under the task's name, and
+    does not stop the next calls.
+    """
+    clock = MemoryReactorClock()
+    calls: list[int] = []
+
+    def call() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise OSError("the disk went away")
+
+    task = Periodic(5.0, call, clock)
+    task.setName("checking something")
+    task.startService()
+    clock.advance(5)
+    clock.advance(5)
+    assert calls == [0, 1, 2]
+    assert logged.texts(LogLevel.critical) == ["checking something failed"]
+    task.stopService()
+
+
 def test_sigterm_during_uploads_loses_nothing_answered(tmp_path):
     """
     SIGTERM while several clients upload objects (of mixed sizes, some
