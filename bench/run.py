@@ -763,23 +763,12 @@ def evict_tree(root: Path) -> int:
 
 def cache_tree(root: Path) -> int:
     """
-    Read every file under C{root} into the page cache (sent to /dev/null,
-    never copied); how many files.
+    Read every file under C{root} into the page cache (resticd's own
+    L{resticd.reads.warm}: sent to /dev/null, never copied); how many files.
     """
-    null = os.open(os.devnull, os.O_WRONLY)
+    from resticd.reads import warm
 
-    def read(fd: int) -> None:
-        offset, size = 0, os.fstat(fd).st_size
-        while offset < size:
-            sent = os.sendfile(null, fd, offset, size - offset)
-            if sent == 0:
-                break
-            offset += sent
-
-    try:
-        return each_file(root, read)
-    finally:
-        os.close(null)
+    return each_file(root, lambda fd: warm(fd, 0, os.fstat(fd).st_size))
 
 
 def wl_cold(server: Server, objects: BigObjects, count: int) -> tuple[Measure, Errors, int, list[float]]:

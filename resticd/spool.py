@@ -423,10 +423,10 @@ class SpoolFile:
                 if filled == STAGING:
                     self._write_staged(fd, staging)
                     filled = 0
-        whole = filled - filled % ALIGN if self._direct else filled
+        whole = filled - filled % ALIGN
         self._write_staged(fd, staging[:whole])
         self._carry = bytes(staging[whole:filled])
-        if self._carry and not self._direct:  # refused meanwhile
+        if self._carry and not self._direct:  # refused: no need to wait for a whole block
             self._write_staged(fd, staging[whole:filled])
             self._carry = b""
 

@@ -915,7 +915,7 @@ def test_a_direct_write_the_disk_refuses_goes_through_the_page_cache(
     bodies = [os.urandom(STAGING + 3000), os.urandom(2 * STAGING)]
     for body in bodies:
         file = spool.open()
-        assert write_through(file, body, [100_000] * (len(body) // 100_000)) == body
+        assert write_through(file, body, [100_001] * (len(body) // 100_001)) == body
         assert file.hexdigest() == name_of(body)
         file.remove()
     if spool.direct.enabled:
@@ -947,3 +947,21 @@ def test_staging_buffers_are_reused_and_those_not_lent_go_back_when_idle(tmp_pat
     body = os.urandom(STAGING + ALIGN + 1)
     assert write_through(spool.open(), body, []) == body
     assert direct.release() is True and again.closed
+
+
+def test_a_staging_buffer_still_looked_at_is_released_later(tmp_path) -> None:
+    """
+    A staging buffer something still has a view of (the traceback of a failed
+    write, kept with the upload's error) is not closed by the idle release,
+    which neither fails nor reports it; a later release, once the view is
+    gone, closes it.
+    """
+    direct = Spool(str(tmp_path)).direct
+    buffer = direct.take()
+    view = memoryview(buffer)
+    direct.give(buffer)
+    assert direct.release() is False
+    assert not buffer.closed
+    view.release()
+    assert direct.release() is True
+    assert buffer.closed
