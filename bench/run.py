@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import http.client
 import fcntl
@@ -913,8 +914,8 @@ def store_durably(tmp: Path, final: Path, parts: Sequence[bytes | memoryview], d
     """
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o600)
-    except OSError:
-        if not direct:
+    except OSError as e:
+        if not direct or e.errno != errno.EINVAL:
             raise
         fd, direct = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), False
     try:

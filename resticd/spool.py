@@ -40,12 +40,14 @@ PIECE = 1 << 20
 
 #: What goes through the page cache (small bodies, and every body where the
 #: filesystem refuses direct writes) is handed to write(2) this much at a
-#: time, the size Go's io.Copy uses. Seen on a virtual machine that hands freed memory back to its host
-#: (free page reporting): once memory has been free for a few seconds, 1 MiB
-#: writes into the page cache cost five times the kernel time of 32 KiB ones
-#: (larger writes get larger page-cache folios, apparently from the memory
-#: the host has taken back); uploads took 3.2-3.6 CPU-s per GiB with 1 MiB
-#: writes, 2.7-2.8 with 32 KiB. Elsewhere the extra calls cost little.
+#: time, the size Go's io.Copy uses. Seen on a virtual machine that hands
+#: freed memory back to its host (free page reporting): once memory has
+#: been free for a few seconds, 1 MiB writes into the page cache cost five
+#: times the kernel time of 32 KiB ones (larger writes get larger page-cache
+#: folios, apparently from the memory the host has taken back); uploads took
+#: 3.2-3.6 CPU-s per GiB with 1 MiB writes, 2.7-2.8 with 32 KiB (before
+#: large bodies were written with O_DIRECT). Elsewhere the extra calls cost
+#: little.
 WRITE_SIZE = 32 << 10
 
 #: Bytes of one upload received but not yet written, beyond which it stops
