@@ -51,10 +51,12 @@ from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtocol
 
+from .deadlines import Deadline
 from .sockets import write_now
 
 #: The largest DATA frame resticd accepts (HTTP/2 allows up to 16 MiB - 1).
@@ -438,9 +440,6 @@ class ResticChannel(_GenericHTTPChannelProtocol):
                 layer.dataBuffer = b""
                 layer._tempDataBuffer = []
                 layer._tempDataLen = 0
-        deadline = getattr(self._channel, "first_line_deadline", None)
-        if deadline is not None and deadline.active():
-            deadline.cancel()
         try:
             super().connectionLost(reason)
         finally:
@@ -474,26 +473,21 @@ class ResticChannel(_GenericHTTPChannelProtocol):
         exists; see L{resticd.request.SpoolingRequest}).
         """
         channel: Any = self._channel
-        if getattr(channel, "requests", None) or getattr(channel, "first_line_deadline", None) is not None:
+        deadline = getattr(channel, "deadline", None)
+        if deadline is None or channel.requests or deadline.armed_with(channel.request_line_too_slow):
             return
         limits = getattr(self._site, "limits", None)
-        reactor = getattr(self._site, "reactor", None)
-        if limits is None or reactor is None or limits.header_timeout <= 0:
+        if limits is None or limits.header_timeout <= 0:
             return
-
-        def too_slow() -> None:
-            channel.first_line_deadline = None
-            transport = channel.transport
-            if transport is not None:
-                transport.abortConnection()
-
-        channel.first_line_deadline = reactor.callLater(limits.header_timeout, too_slow)
+        deadline.arm(limits.header_timeout, channel.request_line_too_slow)
 
     def _switch_to_h2(self) -> None:
         old: Any = self._channel
         network_producer = old._networkProducer
         network_producer.unregisterProducer()
         old.setTimeout(None)
+        if old.deadline is not None:
+            old.deadline.stop()
         transport = old.transport
         channel: Any = ResticH2Connection()
         channel.requestFactory = self._requestFactory
@@ -524,6 +518,53 @@ class ResticHTTPChannel(HTTPChannel):
     _holding = False
     _held: bytes | None = None
     _host: Any = None
+    #: The connection's one deadline, from when it is made: idle between
+    #: requests, then a request's header and body timeouts (see
+    #: L{resticd.request.SpoolingRequest}). Twisted's own idle timeout
+    #: (L{TimeoutMixin}) is replaced by it.
+    deadline: Deadline | None = None
+
+    def connectionMade(self) -> None:
+        site: Any = getattr(self, "site")
+        self.deadline = Deadline(site.reactor)
+        super().connectionMade()
+
+    def setTimeout(self, period: int | None) -> int | None:
+        # Twisted stops the idle timeout while a request is answered and
+        # starts it again after: here that moves the deadline, and makes no
+        # timer.
+        previous = self.timeOut
+        self.timeOut = period
+        deadline = self.deadline
+        if deadline is not None:
+            if period is None:
+                deadline.disarm(self.timeoutConnection)
+            else:
+                deadline.arm(period, self.timeoutConnection)
+        return previous
+
+    def resetTimeout(self) -> None:
+        # Bytes arrived: an idle connection stays open. (A request's own
+        # deadlines are moved by the request.)
+        deadline = self.deadline
+        if deadline is not None and self.timeOut is not None and deadline.armed_with(self.timeoutConnection):
+            deadline.arm(self.timeOut, self.timeoutConnection)
+
+    def request_line_too_slow(self) -> None:
+        """
+        A request line took longer than the request timeout: drop the
+        connection.
+        """
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            if self.deadline is not None:
+                self.deadline.stop()
 
     def getHost(self) -> Any:
         # Asked for by every request; a TCP transport asks the kernel each

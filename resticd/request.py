@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.web import server
 from twisted.web.http import RESPONSES
 
+from .deadlines import Deadline
 from .errors import PayloadTooLarge, ResticdError
 from .h2 import ResticHTTPChannel
 from .logs import client_host, logger
@@ -114,7 +115,8 @@ class SpoolingRequest(server.Request):
     _checked = 0
     _paused = False
     _end_observed = False
-    _deadline: Any = None
+    _deadline: Deadline | None = None
+    _own_deadline = False
     #: Answered (and its connection closed) before its body: never render.
     answered_early = False
     #: Its answer could not be completed and its connection (or stream) is
@@ -135,38 +137,46 @@ class SpoolingRequest(server.Request):
         self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
         # The request line is in (its own deadline is over); its headers must
         # all arrive within the header timeout (a slowloris drips them).
+        # (An HTTP/2 request arrives with all its headers.)
         self._limits: RequestLimits = getattr(self._site, "limits", RequestLimits())
-        line_deadline = getattr(self.channel, "first_line_deadline", None)
-        if line_deadline is not None:
-            # HTTP/1.1: the request line's deadline now covers the headers.
-            self.channel.first_line_deadline = None  # type: ignore[attr-defined]
-            if line_deadline.active():
-                line_deadline.reset(self._limits.header_timeout)
-                line_deadline.func = self._too_slow
-                line_deadline.args = ("headers", self._limits.header_timeout)
-                self._deadline = line_deadline
-        elif not hasattr(self.channel, "_conn"):
-            # (An HTTP/2 request arrives with all its headers.)
+        if not hasattr(self.channel, "_conn"):
             self._set_deadline(self._limits.header_timeout, "headers")
 
     @property
     def _site(self) -> Any:
         return getattr(self.channel, "site", None)
 
+    def _deadline_for_request(self) -> Deadline | None:
+        """
+        The deadline this request's timeouts move: its HTTP/1.1 connection's
+        (one request at a time uses it), or its own (HTTP/2 streams run side
+        by side).
+        """
+        deadline = self._deadline
+        if deadline is None:
+            deadline = getattr(self.channel, "deadline", None)
+            if deadline is None:
+                reactor = getattr(self._site, "reactor", None)
+                if reactor is None:
+                    return None
+                deadline = Deadline(reactor)
+                self._own_deadline = True
+            self._deadline = deadline
+        return deadline
+
     def _set_deadline(self, seconds: float, what: str) -> None:
-        self._clear_deadline()
-        reactor = getattr(self._site, "reactor", None)
-        if reactor is not None and seconds > 0:
-            self._deadline = reactor.callLater(seconds, self._too_slow, what, seconds)
+        if seconds <= 0:
+            self._clear_deadline()
+            return
+        deadline = self._deadline_for_request()
+        if deadline is not None:
+            deadline.arm(seconds, self._too_slow, what, seconds)
 
     def _clear_deadline(self) -> None:
         if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+            self._deadline.disarm(self._too_slow)
 
     def _too_slow(self, what: str, seconds: float) -> None:
-        self._deadline = None
         log.info(
             "closing the connection of {client}: its request {what} stalled for {seconds} s",
             client=client_host(self),
@@ -229,8 +239,9 @@ class SpoolingRequest(server.Request):
         self.spool_file = site.spool.open()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._deadline is not None:
-            self._deadline.reset(self._limits.body_stall_timeout)
+        deadline = self._deadline
+        if deadline is not None and deadline.armed_with(self._too_slow):
+            deadline.arm(self._limits.body_stall_timeout, self._too_slow, "body", self._limits.body_stall_timeout)
         spool = self.spool_file
         if spool is None:
             return
@@ -344,6 +355,8 @@ class SpoolingRequest(server.Request):
             return
         self._end_observed = True
         self._clear_deadline()
+        if self._own_deadline and self._deadline is not None:
+            self._deadline.stop()
         if self.spool_file is not None:
             self.spool_file.discard()
             self.spool_file = None

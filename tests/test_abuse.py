@@ -27,9 +27,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import Event, ResponseReceived, StreamReset
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -670,6 +675,165 @@ def test_stalled_body_is_aborted_in_memory(tmp_path):
     assert conn.transport.disconnected
     conn.lose()
     assert server.spool_files() == []
+
+
+def test_idle_timeout_counts_from_the_last_answer(tmp_path):
+    """
+    The idle timeout starts again after each answer: a connection used
+    every 100 s stays open, and closes 180 s after its last answer.
+    """
+    server = make_server(str(tmp_path / "data"))
+    conn = Connection(server)
+    for _ in range(3):
+        conn.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.reactor.advance(100.0)
+    assert conn.transport.value().count(b"HTTP/1.1 200 ") == 3
+    assert not conn.closing, "closed although it was used every 100 s"
+    server.reactor.advance(79.0)
+    assert not conn.closing, "closed before 180 s since the last answer"
+    server.reactor.advance(1.5)
+    assert conn.closing, "still open 180 s after the last answer"
+    conn.lose()
+
+
+def test_an_answer_slower_than_the_idle_timeout_is_not_cut_off(tmp_path):
+    """
+    While an answer is being made (here a listing whose directory read
+    takes 400 s) neither the idle timeout nor the request timeout closes
+    the connection; the idle timeout counts again from the answer.
+    """
+    held: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def run_later(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append((d, f, args))
+        return d
+
+    def release() -> None:
+        while held:
+            d, f, args = held.pop(0)
+            d.callback(f(*args))
+
+    server = make_server(str(tmp_path / "data"), run=run_later, request_timeout=5.0)
+    conn = Connection(server)
+    conn.send(b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    release()
+    assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
+    conn.transport.clear()
+    conn.send(b"GET /r/keys/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert held, "the listing does not wait for a worker"
+    server.reactor.advance(400.0)
+    assert not conn.closing, "closed while the answer was being made"
+    release()
+    assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
+    server.reactor.advance(179.0)
+    assert not conn.closing
+    server.reactor.advance(1.5)
+    assert conn.closing, "still open 180 s after the answer"
+    conn.lose()
+
+
+def test_without_request_timeout_bytes_keep_a_connection_open(tmp_path):
+    """
+    With C{--request-timeout 0} only the idle timeout applies, and every
+    byte that arrives restarts it: a request line dripping in every 100 s
+    is not cut off, and 180 s of silence closes the connection.
+    """
+    server = make_server(str(tmp_path / "data"), request_timeout=0.0)
+    conn = Connection(server)
+    for byte in b"GET /r/":
+        conn.send(bytes([byte]))
+        server.reactor.advance(100.0)
+    assert not conn.closing, "closed although bytes kept coming"
+    server.reactor.advance(79.0)
+    assert not conn.closing
+    server.reactor.advance(1.5)
+    assert conn.closing, "still open after 180 s without a byte"
+    conn.lose()
+
+
+def test_requests_on_a_keepalive_connection_schedule_no_timer_each(tmp_path, monkeypatch):
+    """
+    The idle, request-line and header timeouts of a keep-alive connection
+    share one timer, moved rather than made again: 200 requests (a restic
+    run makes thousands) schedule at most a few timers, not several each,
+    and the timeouts still work afterwards.
+    """
+    server = make_server(str(tmp_path / "data"), request_timeout=5.0)
+    scheduled: list[float] = []
+    call_later = server.reactor.callLater
+
+    def counting(delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        scheduled.append(delay)
+        return call_later(delay, f, *args, **kwargs)
+
+    monkeypatch.setattr(server.reactor, "callLater", counting)
+    conn = Connection(server)
+    conn.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = len(scheduled)
+    for _ in range(200):
+        conn.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.reactor.advance(0.01)
+    assert conn.transport.value().count(b"HTTP/1.1 200 ") == 201
+    assert len(scheduled) - first <= 2, f"{len(scheduled) - first} timers for 200 requests"
+    conn.send(b"GET /r/keys/ HTTP/1.1\r\n")
+    server.reactor.advance(5.1)
+    assert conn.transport.disconnected, "a request line without headers was not aborted"
+    conn.lose()
+    assert [c for c in server.reactor.getDelayedCalls() if c.active()] == []
+
+
+def test_stalled_http2_upload_is_reset_after_the_request_timeout(tmp_path):
+    """
+    Over HTTP/2 each stream has its own body timeout: an upload whose body
+    stops arriving is reset C{--request-timeout} seconds after its last
+    bytes (not after its first), while another stream on the connection
+    is answered; nothing of it is left in the spool. No timer of any
+    stream (the reset one, a completed upload) stays behind.
+    """
+    server = make_server(str(tmp_path / "data"), request_timeout=5.0)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 40000), lenient=True)
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol = server.site.buildProtocol(transport.getPeer())
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+
+    def exchange() -> list[Event]:
+        protocol.dataReceived(client.data_to_send())
+        events = client.receive_data(transport.value())
+        transport.clear()
+        protocol.dataReceived(client.data_to_send())
+        return events
+
+    exchange()
+    client.send_headers(1, [(":method", "POST"), (":path", "/?create=true"), (":scheme", "https"), (":authority", "x")], end_stream=True)
+    exchange()
+    name = "0" * 64
+    client.send_headers(3, [(":method", "POST"), (":path", f"/keys/{name}"), (":scheme", "https"), (":authority", "x"),
+                            ("content-length", str(MIB + 100))])
+    client.send_data(3, b"x" * 60_000)
+    exchange()
+    for _ in range(4):
+        server.reactor.advance(4.0)
+        client.send_data(3, b"x")
+        assert not [e for e in exchange() if isinstance(e, StreamReset)], "reset although its body kept coming"
+    client.send_headers(5, [(":method", "GET"), (":path", "/-/healthy"), (":scheme", "https"), (":authority", "x")], end_stream=True)
+    answered = exchange()
+    assert [e.headers for e in answered if isinstance(e, ResponseReceived) and e.stream_id == 5]
+    server.reactor.advance(5.1)
+    resets = [e for e in exchange() if isinstance(e, StreamReset)]
+    assert [e.stream_id for e in resets] == [3]
+    assert server.spool_files() == []
+    body = b"y" * 100_000
+    client.send_headers(7, [(":method", "POST"), (":path", f"/keys/{sha256_hex(body)}"), (":scheme", "https"),
+                            (":authority", "x"), ("content-length", str(len(body)))])
+    client.send_data(7, body, end_stream=True)
+    stored = exchange()
+    assert [dict(e.headers)[b":status"] for e in stored if isinstance(e, ResponseReceived)] == [b"200"]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert [c for c in server.reactor.getDelayedCalls() if c.active()] == []
 
 
 # -- load ---------------------------------------------------------------------------
