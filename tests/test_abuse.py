@@ -696,11 +696,12 @@ def test_idle_timeout_counts_from_the_last_answer(tmp_path):
     conn.lose()
 
 
-def test_an_answer_slower_than_the_idle_timeout_is_not_cut_off(tmp_path):
+@pytest.mark.parametrize("request_timeout", [5.0, 0.0])
+def test_an_answer_slower_than_the_idle_timeout_is_not_cut_off(tmp_path, request_timeout):
     """
     While an answer is being made (here a listing whose directory read
-    takes 400 s) neither the idle timeout nor the request timeout closes
-    the connection; the idle timeout counts again from the answer.
+    takes 400 s) neither the idle timeout nor the request timeout (if any)
+    closes the connection; the idle timeout counts again from the answer.
     """
     held: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
 
@@ -714,7 +715,7 @@ def test_an_answer_slower_than_the_idle_timeout_is_not_cut_off(tmp_path):
             d, f, args = held.pop(0)
             d.callback(f(*args))
 
-    server = make_server(str(tmp_path / "data"), run=run_later, request_timeout=5.0)
+    server = make_server(str(tmp_path / "data"), run=run_later, request_timeout=request_timeout)
     conn = Connection(server)
     conn.send(b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     release()
@@ -731,6 +732,20 @@ def test_an_answer_slower_than_the_idle_timeout_is_not_cut_off(tmp_path):
     server.reactor.advance(1.5)
     assert conn.closing, "still open 180 s after the answer"
     conn.lose()
+
+
+def test_a_connection_closed_by_its_client_leaves_no_timer(tmp_path):
+    """
+    A keep-alive connection its client closes (idle, or with a request line
+    begun) leaves no timer behind in the daemon.
+    """
+    server = make_server(str(tmp_path / "data"))
+    for last in (b"", b"GET /r/"):
+        conn = Connection(server)
+        conn.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n" + last)
+        assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
+        conn.lose()
+        assert [c for c in server.reactor.getDelayedCalls() if c.active()] == []
 
 
 def test_without_request_timeout_bytes_keep_a_connection_open(tmp_path):
