@@ -218,8 +218,15 @@ def config_from(options: usage.Options) -> Config:
 
 def makeService(options: Options) -> IService:
     """
-    The daemon's service for parsed C{options}.
+    The daemon's service for parsed C{options}, on resticd's reactor (see
+    L{resticd.reactor}) unless C{twistd --reactor} chose one.
     """
+    import select
+
+    if hasattr(select, "epoll"):
+        from .reactor import install
+
+        install()
     from twisted.internet import reactor
 
     from .service import ResticdService
