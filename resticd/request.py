@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import RESPONSES
 
@@ -77,6 +78,9 @@ class RequestLimits:
     body_stall_timeout: float = 60.0
 
 
+DEFAULT_LIMITS = RequestLimits()
+
+
 def request_line(request: server.Request) -> tuple[bytes | None, bytes | None]:
     """
     The method and path of a request whose body has not arrived yet, from
@@ -134,11 +138,10 @@ class SpoolingRequest(server.Request):
                 observer.started(self)
             except Exception:
                 log.failure("observing the start of a request failed")
-        self.notifyFinish().addCallbacks(self._finished, self._finished, errbackArgs=(False,))
         # The request line is in (its own deadline is over); its headers must
         # all arrive within the header timeout (a slowloris drips them).
         # (An HTTP/2 request arrives with all its headers.)
-        self._limits: RequestLimits = getattr(self._site, "limits", RequestLimits())
+        self._limits: RequestLimits = getattr(self._site, "limits", DEFAULT_LIMITS)
         if not hasattr(self.channel, "_conn"):
             self._set_deadline(self._limits.header_timeout, "headers")
 
@@ -349,6 +352,12 @@ class SpoolingRequest(server.Request):
         if not self.finished and not self._disconnected:
             self._finished(None)
         super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Its connection (or HTTP/2 stream) went away before the answer was
+        # complete (a completed answer was observed by finish).
+        super().connectionLost(reason)
+        self._finished(None, completed=False)
 
     def _finished(self, result: object, completed: bool = True) -> None:
         if self._end_observed:
