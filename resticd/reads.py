@@ -20,14 +20,14 @@ RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 PROBE_STEP = 1 << 20
 
 
-def read_cached(fd: int, length: int, offset: int) -> bytes | None:
+def read_cached(fd: int, length: int, offset: int) -> bytearray | None:
     """
     The C{length} bytes of C{fd} at C{offset} if all of them are in the page
     cache; L{None} when some are not (or the file ends sooner, or the
     system cannot tell): read them in a worker thread then.
     """
     if length == 0:
-        return b""
+        return bytearray()
     if RWF_NOWAIT is None:
         return None
     buffer = bytearray(length)
@@ -39,7 +39,7 @@ def read_cached(fd: int, length: int, offset: int) -> bytes | None:
         raise
     if n != length:
         return None
-    return bytes(buffer)
+    return buffer
 
 
 def is_cached(fd: int, offset: int, length: int) -> bool:

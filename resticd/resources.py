@@ -459,7 +459,12 @@ class StoredFile(TargetResource):
                 )
                 return server.NOT_DONE_YET
             os.close(fd)
-            return data
+            if hasattr(request.channel, "_conn"):
+                return bytes(data)  # HTTP/2 queues what it is given
+            # Written as read (returned, it would have to be copied to bytes).
+            request.write(data)
+            request.finish()
+            return server.NOT_DONE_YET
         file = os.fdopen(fd, "rb")
         transport = sendfile_transport(request)
         if transport is not None:
