@@ -19,9 +19,10 @@ import sys
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
-from twisted.logger import Logger
 
-log = Logger(namespace=__name__)
+from .logs import logger
+
+log = logger(__name__)
 
 
 class ResticReactor(EPollReactor):

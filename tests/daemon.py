@@ -181,6 +181,7 @@ def running(
     start_timeout: float = START_TIMEOUT,
     data: Path | None = None,
     env: dict[str, str] | None = None,
+    twistd_options: tuple[str, ...] = (),
 ) -> Iterator[Daemon]:
     """
     Run C{twistd resticd} over a fresh data directory below C{tmp} until the
@@ -197,6 +198,7 @@ def running(
         an earlier daemon, to restart over it); a fresh one when L{None}.
     @param env: environment variables to set for the daemon, besides the
         test's own.
+    @param twistd_options: options of twistd itself (before C{resticd}).
     """
     for description in listen:
         assert "interface=127.0.0.1" in description or "interface=\\:\\:1" in description, description
@@ -205,7 +207,7 @@ def running(
     if data is None:
         data = base / "data"
     log_path = base / "daemon.log"
-    argv = [twistd(), "--nodaemon", "--pidfile=", "--logfile=-", "resticd", "--path", str(data)]
+    argv = [twistd(), "--nodaemon", "--pidfile=", "--logfile=-", *twistd_options, "resticd", "--path", str(data)]
     cert: Path | None = None
     if tls:
         cert_file, key_file = write_self_signed(str(base / "tls"))

@@ -80,13 +80,13 @@ def test_cached_bytes_are_read_at_once(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         if nowait_works(path):
-            assert read_cached(fd, 4096, 100) == data[100:4196]
-            assert read_cached(fd, MiB, MiB) == data[MiB : 2 * MiB]
+            assert read_cached(fd, 4096, 100) == bytearray(data[100:4196])
+            assert read_cached(fd, MiB, MiB) == bytearray(data[MiB : 2 * MiB])
             assert is_cached(fd, 0, len(data))
         else:
             assert read_cached(fd, 4096, 100) is None
             assert not is_cached(fd, 0, len(data))
-        assert read_cached(fd, 0, 0) == b""
+        assert read_cached(fd, 0, 0) == bytearray()
         # Past the end of the file: not all there, so a worker reads (and
         # finds the file shorter).
         assert read_cached(fd, 4096, len(data) - 10) is None
@@ -111,7 +111,7 @@ def test_bytes_not_in_the_page_cache_are_left_to_a_worker(cold_file: tuple[Path,
         warm(fd, MiB, MiB + 1)
         if nowait_works(path):
             assert is_cached(fd, MiB, MiB + 1)
-            assert read_cached(fd, 4096, MiB + 10) == data[MiB + 10 : MiB + 4106]
+            assert read_cached(fd, 4096, MiB + 10) == bytearray(data[MiB + 10 : MiB + 4106])
             assert not is_cached(fd, 0, len(data))
     finally:
         os.close(fd)
@@ -167,7 +167,7 @@ def test_reading_through_brings_bytes_into_the_page_cache(cold_file: tuple[Path,
         _read_through(fd, len(data) - 10, len(data) + 100)
         if nowait_works(path):
             assert is_cached(fd, MiB - 3, MiB + 10)
-            assert read_cached(fd, 10, len(data) - 10) == data[-10:]
+            assert read_cached(fd, 10, len(data) - 10) == bytearray(data[-10:])
             assert not is_cached(fd, 0, len(data))
     finally:
         os.close(fd)
