@@ -1,10 +1,12 @@
 """
 Memory: how resticd has glibc's allocator keep the large buffers of busy
-moments, and hand their memory back to the system once things are quiet.
+moments, and hand their memory back to the system once things are quiet;
+and how the garbage collector sits out the daemon's start.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -16,6 +18,20 @@ from .logs import logger
 from .threads import Runner
 
 log = logger(__name__)
+
+def resume_collection() -> None:
+    """
+    Let Python's cyclic garbage collector run again, after the daemon's
+    start, having frozen every object made so far. The daemon starts with
+    the collector off: importing Twisted, OpenSSL and resticd and building
+    the site makes some 200,000 objects that live as long as the process,
+    which the collector would walk again and again while they are made
+    (about 20 ms of a start of some 230 ms on a small machine). Frozen,
+    they are never walked again by later collections either.
+    """
+    gc.freeze()
+    gc.enable()
+
 
 #: glibc's mallopt(3) parameters.
 _M_TRIM_THRESHOLD = -1

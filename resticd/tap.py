@@ -219,16 +219,22 @@ def config_from(options: usage.Options) -> Config:
 def makeService(options: Options) -> IService:
     """
     The daemon's service for parsed C{options}, on resticd's reactor (see
-    L{resticd.reactor}) unless C{twistd --reactor} chose one.
+    L{resticd.reactor}) unless C{twistd --reactor} chose one. The garbage
+    collector is off until the reactor runs (see
+    L{resticd.memory.resume_collection}).
     """
+    import gc
     import select
 
+    gc.disable()
     if hasattr(select, "epoll"):
         from .reactor import install
 
         install()
     from twisted.internet import reactor
 
+    from .memory import resume_collection
     from .service import ResticdService
 
+    reactor.callWhenRunning(resume_collection)
     return ResticdService(options.config, reactor)

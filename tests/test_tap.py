@@ -812,6 +812,37 @@ def test_make_service(data):
     assert not (data / "repos").exists()
 
 
+def test_garbage_collector_is_off_until_the_reactor_runs(data):
+    """
+    Building the daemon's service turns Python's garbage collector off
+    (starting makes some 200,000 objects that live as long as the process);
+    once the reactor runs the collector is on again, with everything made
+    so far frozen out of its walks.
+    """
+    code = (
+        "import gc, sys\n"
+        "from resticd.tap import Options, makeService\n"
+        "options = Options()\n"
+        "options.parseOptions(['--path', sys.argv[1], '--no-auth'])\n"
+        "service = makeService(options)\n"
+        "from twisted.internet import reactor\n"
+        "print(gc.isenabled(), gc.get_freeze_count())\n"
+        "def running():\n"
+        "    print(gc.isenabled(), gc.get_freeze_count() > 50000)\n"
+        "    reactor.stop()\n"
+        "reactor.callWhenRunning(running)\n"
+        "reactor.run()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(data / "repos")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.stdout.split() == ["False", "0", "True", "True"], result.stdout + result.stderr
+
+
 def module_loaded_by_daemon(module: str, config: str, after: str = "") -> bool:
     """
     Whether a fresh interpreter has imported C{module} once it has built a
