@@ -815,7 +815,7 @@ def test_make_service(data):
 def test_garbage_collector_is_off_until_the_reactor_runs(data):
     """
     Building the daemon's service turns Python's garbage collector off
-    (starting makes some 200,000 objects that live as long as the process);
+    (starting makes some 60,000 objects that live as long as the process);
     once the reactor runs the collector is on again, with everything made
     so far frozen out of its walks.
     """
