@@ -4,8 +4,8 @@ The event loop the daemon runs on, unless C{twistd --reactor} names another.
 It is Twisted's epoll reactor, less the legacy log context Twisted sets up
 around every event it hands out (C{twisted.python.log.callWithLogger}: the
 selectable's log prefix, a copied context dictionary, a thread-local
-lookup). That costs some 5 microseconds of the event loop per event, about
-5 % of a HEAD or small range answer (Twisted's own issue #2534 measured
+lookup). That costs 3 to 5 microseconds of the event loop per event,
+about 4 % of a HEAD answer's CPU time (Twisted's own issue #2534 measured
 15 % for a UDP echo server). resticd logs through L{twisted.logger}, whose
 events never read that context; only Twisted's legacy messages (an
 unhandled error in a protocol) lose the connection's prefix, and an error
