@@ -2,7 +2,7 @@
 """
 Where resticd spends its time on one workload, run by hand::
 
-    .venv/bin/python bench/hotspots.py upload|download|range|head|small [--https] [--with perf|py-spy] [--count N]
+    .venv/bin/python bench/hotspots.py upload|download|range|head|small [--https] [--with perf|py-spy] [--count N] [--objects N]
     .venv/bin/python bench/hotspots.py requests [--count N]
     .venv/bin/python bench/hotspots.py h2-receive [--count N]
 
@@ -55,6 +55,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
     parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small) or MiB (h2-receive); defaults: 128, 128, 20000, 20000, 2000, 10000, 512")
+    parser.add_argument("--objects", type=int, default=16,
+                        help="8 MiB objects that range and HEAD requests spread over (default 16; bench/run.py uses 128, "
+                             "whose page-cache pages are then mostly out of the CPU caches)")
     parser.add_argument("--out", type=Path, help="keep the profiler's recording here (default: a temporary file)")
     parser.add_argument("--top", type=int, default=30, help="functions to print (default 30)")
     parser.add_argument("--warm-memory", type=float, default=2.0, metavar="GIB",
@@ -163,8 +166,8 @@ def served(args: argparse.Namespace) -> None:
         if args.workload == "small":
             run.create_repo(server, "s")
         # Uploads store their own objects; downloads read as many as they
-        # fetch; ranges and HEADs spread over 16.
-        stored = {"upload": 0, "small": 0, "download": count}.get(args.workload, 16)
+        # fetch; ranges and HEADs spread over --objects.
+        stored = {"upload": 0, "small": 0, "download": count}.get(args.workload, args.objects)
         objects = run.BigObjects(count if args.workload == "upload" else stored)
         if stored:
             _, errors, _ = run.wl_upload(server, objects, stored)
