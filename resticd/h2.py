@@ -525,8 +525,8 @@ class ResticHTTPChannel(HTTPChannel):
     deadline: Deadline | None = None
 
     def connectionMade(self) -> None:
-        site: Any = getattr(self, "site")
-        self.deadline = Deadline(site.reactor)
+        # (The site that made the channel set its site attribute.)
+        self.deadline = Deadline(self.site.reactor)  # type: ignore[attr-defined]
         super().connectionMade()
 
     def setTimeout(self, period: int | None) -> int | None:
