@@ -34,7 +34,6 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import Event, ResponseReceived, StreamReset
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -45,7 +44,7 @@ from resticd.site import IDLE_TIMEOUT
 
 from .daemon import Daemon, running, sha256_hex
 from .tools import wait_for
-from .web import Server, make_server
+from .web import HeldWrites, Server, make_server
 
 pytestmark = pytest.mark.network
 
@@ -703,29 +702,18 @@ def test_an_answer_slower_than_the_idle_timeout_is_not_cut_off(tmp_path, request
     takes 400 s) neither the idle timeout nor the request timeout (if any)
     closes the connection; the idle timeout counts again from the answer.
     """
-    held: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def run_later(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        held.append((d, f, args))
-        return d
-
-    def release() -> None:
-        while held:
-            d, f, args = held.pop(0)
-            d.callback(f(*args))
-
-    server = make_server(str(tmp_path / "data"), run=run_later, request_timeout=request_timeout)
+    held = HeldWrites()
+    server = make_server(str(tmp_path / "data"), run=held, request_timeout=request_timeout)
     conn = Connection(server)
     conn.send(b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-    release()
+    held.release_all()
     assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
     conn.transport.clear()
     conn.send(b"GET /r/keys/ HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert held, "the listing does not wait for a worker"
+    assert held.queued, "the listing does not wait for a worker"
     server.reactor.advance(400.0)
     assert not conn.closing, "closed while the answer was being made"
-    release()
+    held.release_all()
     assert conn.transport.value().startswith(b"HTTP/1.1 200 ")
     server.reactor.advance(179.0)
     assert not conn.closing

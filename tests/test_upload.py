@@ -35,7 +35,7 @@ from resticd.threads import Stopped, run_inline
 from .logcapture import LogCapture
 from .test_reads import nowait_works
 from .tools import mounted, unavailable
-from .web import Server, make_server, name_of
+from .web import HeldWrites, Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -393,27 +393,6 @@ def test_group_accessible_modes(tmp_path) -> None:
         assert os.stat(store.layout.repo_dir(("r",))).st_mode & 0o777 == dmode
         assert os.stat(store.layout.type_dir(("r",), "data") + "/00").st_mode & 0o777 == dmode
         assert os.stat(store.layout.object_path(("r",), "keys", name_of(b"k"))).st_mode & 0o777 == fmode
-
-
-class HeldWrites:
-    """
-    A runner that queues work until L{release}, like a busy thread pool.
-    """
-
-    def __init__(self) -> None:
-        self.queued: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
-
-    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.queued.append((d, f, args))
-        return d
-
-    def release(self) -> None:
-        """
-        Run the oldest queued call (which may queue the next one).
-        """
-        d, f, args = self.queued.pop(0)
-        run_inline(f, *args).chainDeferred(d)
 
 
 def flushed_content(spool: SpoolFile | None, runner: HeldWrites) -> bytes:

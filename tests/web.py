@@ -165,6 +165,34 @@ class Server:
         return os.listdir(self.layout.spool_dir())
 
 
+class HeldWrites:
+    """
+    A runner that queues work until L{release}, like a busy thread pool.
+    """
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queued.append((d, f, args))
+        return d
+
+    def release(self) -> None:
+        """
+        Run the oldest queued call (which may queue the next one).
+        """
+        d, f, args = self.queued.pop(0)
+        run_inline(f, *args).chainDeferred(d)
+
+    def release_all(self) -> None:
+        """
+        Run queued calls, and those they queue, until none is left.
+        """
+        while self.queued:
+            self.release()
+
+
 def make_server(
     root: str,
     run: Runner = run_inline,
