@@ -164,3 +164,27 @@ def test_the_daemon_runs_on_resticds_reactor_unless_told_otherwise(
         assert conn.getresponse().status == 200
         conn.close()
         assert f"reactor class: {reactor_class}." in daemon.log()
+
+
+def test_a_failing_event_of_a_selectable_without_a_log_prefix_is_logged(reactor: ResticReactor, logged: LogCapture) -> None:
+    """
+    A selectable whose log prefix cannot be had (its logPrefix raises) is
+    named by its repr when the handling of its event fails; the loop goes on.
+    """
+
+    class Nameless(Reader):
+        def logPrefix(self) -> str:
+            raise RuntimeError("no prefix")
+
+        def __repr__(self) -> str:
+            return "<the nameless selectable>"
+
+    a, b = pair()
+    nameless = Nameless(a, "", fail_on_lost=True)
+    reactor.addReader(nameless)
+    b.close()
+    reactor.doPoll(0)
+    assert [e for e in logged.events if e.get("log_failure") is not None]
+    assert "<the nameless selectable>" in logged.texts()[-1]
+    reactor.removeAll()
+    a.close()
