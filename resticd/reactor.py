@@ -61,15 +61,14 @@ def _prefix(selectable: Any) -> str:
         return repr(selectable)
 
 
-def install() -> bool:
+def install() -> None:
     """
     Make resticd's reactor the global reactor, unless a reactor is
     installed already (C{twistd --reactor}, or an import of
-    C{twisted.internet.reactor}); whether it was.
+    C{twisted.internet.reactor}).
     """
     if "twisted.internet.reactor" in sys.modules:
-        return False
+        return
     from twisted.internet.main import installReactor
 
     installReactor(ResticReactor())
-    return True

@@ -242,9 +242,8 @@ class SpoolingRequest(server.Request):
         self.spool_file = site.spool.open()
 
     def handleContentChunk(self, data: bytes) -> None:
-        deadline = self._deadline
-        if deadline is not None and deadline.armed_with(self._too_slow):
-            deadline.arm(self._limits.body_stall_timeout, self._too_slow, "body", self._limits.body_stall_timeout)
+        if self._deadline is not None and self._deadline.armed_with(self._too_slow):
+            self._set_deadline(self._limits.body_stall_timeout, "body")
         spool = self.spool_file
         if spool is None:
             return
