@@ -67,6 +67,9 @@ STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 #: Bytes read from a client's socket per system call.
 SOCKET_READ_SIZE = 1 << 20
+#: How far into a large read that arrives while a request's headers are
+#: parsed their end is looked for (see L{ResticChannel.dataReceived}).
+HEADERS_SEARCH = 64 << 10
 #: DATA frames sent per reactor turn, at most, before other work gets a turn.
 FRAMES_PER_TURN = 16
 
@@ -463,6 +466,16 @@ class ResticChannel(_GenericHTTPChannelProtocol):
                 self._negotiatedProtocol = b"h2"  # type: ignore[assignment]
         if self._negotiatedProtocol != b"h2":
             self._watch_request_line()
+            # Twisted's line parser cuts each header line off the front of
+            # all that is buffered, copying the rest each time: a read that
+            # brings an upload's headers and a MiB of its body (as one TLS
+            # read does) had that MiB copied once per header line. The
+            # headers go first, on their own, and the rest after them.
+            if len(data) > HEADERS_SEARCH and getattr(self._channel, "line_mode", False):
+                end = data.find(b"\r\n\r\n", 0, HEADERS_SEARCH)
+                if end >= 0:
+                    super().dataReceived(data[: end + 4])
+                    data = data[end + 4 :]
         super().dataReceived(data)
 
     def _watch_request_line(self) -> None:

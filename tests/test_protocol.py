@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -560,6 +561,74 @@ async def test_an_answer_reaches_the_connection_in_one_write(server: Server) -> 
         assert len(transport.writes) == 1, (head, transport.writes)
         assert transport.writes[0].startswith(status) and transport.writes[0].endswith(end), head
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def _upload_request(body: bytes) -> bytes:
+    """
+    A whole upload of C{body} as restic sends it, headers and body.
+    """
+    return (
+        f"POST /r/data/{name_of(body)} HTTP/1.1\r\nHost: x\r\nUser-Agent: restic/0.14.0\r\n"
+        f"Accept: {V2}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@ensure
+@pytest.mark.parametrize("cut", [0, 5, 150, 1 << 16, (1 << 20) + 3])
+async def test_uploads_arriving_in_large_reads_with_their_headers_are_stored_whole(repo: Server, cut: int) -> None:
+    """
+    Two uploads and a download sent back to back, arriving in reads of
+    1.5 MiB (as TLS hands them over) that start anywhere (the end of a
+    header block cut in two too): both objects are stored whole and the
+    three answers come in order.
+    """
+    first, second = os.urandom((1 << 20) + 4321), os.urandom(3 << 20)
+    stream = (
+        _upload_request(first)
+        + _upload_request(second)
+        + f"GET /r/data/{name_of(first)} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n".encode()
+    )
+    protocol = repo.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(stream[:cut])
+    for start in range(cut, len(stream), 3 << 19):
+        protocol.dataReceived(stream[start : start + (3 << 19)])
+    answers = transport.value()
+    assert [line.split(b" ")[1] for line in answers.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")] == [
+        b"200",
+        b"200",
+        b"206",
+    ]
+    assert answers.endswith(first[:10])
+    for body in (first, second):
+        with open(stored(repo, "r", "data", name_of(body)[:2], name_of(body)), "rb") as f:
+            assert f.read() == body
+    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_header_lines_are_parsed_apart_from_the_body_that_came_with_them(server: Server) -> None:
+    """
+    The headers of an upload that arrive in one read with a MiB of its body
+    are parsed on their own: the body is not copied once per header line
+    (Twisted's line parser copies everything after each line it cuts off).
+    """
+    protocol = server.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(StringTransport())
+    channel: Any = protocol._channel
+    behind: list[int] = []
+    line_received = channel.lineReceived
+
+    def watched(line: bytes) -> None:
+        behind.append(len(channel._buffer))
+        line_received(line)
+
+    channel.lineReceived = watched
+    protocol.dataReceived(_upload_request(os.urandom(2 << 20))[: 1 << 20])
+    assert len(behind) == 7
+    assert max(behind) < 1000
+    protocol.connectionLost(Failure(ConnectionDone()))
 
 
 @ensure
