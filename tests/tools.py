@@ -7,6 +7,8 @@ transport over a real TCP connection.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import shutil
 import socket
@@ -87,14 +89,46 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 def evict(path: str | Path) -> None:
     """
     Drop the file's pages from the page cache (written out first: only
-    clean pages can be dropped).
+    clean pages can be dropped), asking again while C{mincore(2)} still
+    finds some there (the kernel may keep a page it is busy with).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for _ in range(50):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not resident_pages(fd):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{path}: {resident_pages(fd)} pages stay in the page cache")
     finally:
         os.close(fd)
+
+
+def resident_pages(fd: int) -> int:
+    """
+    How many pages of the file C{fd} are in the page cache (C{mincore(2)}
+    of a read-only mapping of it, which reads nothing).
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vector = ctypes.create_string_buffer(pages)
+        if libc.mincore(address, size, vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(byte & 1 for byte in vector.raw)
+    finally:
+        libc.munmap(address, size)
 
 
 def transport_over(protocol: IProtocol, reactor: IReactorFDSet) -> tuple[tcp.Server, socket.socket]:
