@@ -33,9 +33,18 @@ MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 RECORD_READ = 1 << 15
 #: Decrypted bytes gathered before they are handed to the protocol above.
 BATCH = 1 << 20
-#: Bytes of the protocol's writes encrypted at a time.
+#: Encrypted bytes handed to OpenSSL at a time. Its input buffer (a memory
+#: BIO) grows to a third more than the most it was handed at once and stays
+#: that large while the connection lasts: handed whole 1 MiB socket reads,
+#: every connection that had uploaded something held 1.3 MiB while idle.
+INPUT_PIECE = 1 << 16
+#: Encrypted bytes gathered before they are sent.
 WRITE_CHUNK = 1 << 18
-#: Room for TLS record headers and tags of a L{WRITE_CHUNK} (16 records).
+#: Bytes of the protocol's writes encrypted at a time: OpenSSL's output
+#: buffer (a memory BIO) too keeps the largest size it held (and a third
+#: more) while the connection lasts.
+OUTPUT_PIECE = 1 << 16
+#: Room for TLS record headers and tags after L{WRITE_CHUNK} bytes.
 RECORD_OVERHEAD = 1 << 12
 
 
@@ -183,7 +192,7 @@ def whole_writes(connection: Any) -> None:
     many records as it takes, rather than return after each 16 KiB record:
     pyOpenSSL turns partial writes on, which only helps a write into a
     socket that may fill up; a memory BIO never does. (Per MiB sent, 64
-    calls through pyOpenSSL's wrapper become 4; through pyOpenSSL's
+    calls through pyOpenSSL's wrapper become 16; through pyOpenSSL's
     bindings, within the pinned pyopenssl range; left as it is if they are
     missing.)
     """
@@ -214,15 +223,36 @@ class _Buffer:
         self.view = memoryview(self._buffer)
         self._pointer = _util.ffi.from_buffer(self._buffer)
         self._bio_read = _util.lib.BIO_read
+        self._bio_write = _util.lib.BIO_write
         self._ssl_read = _util.lib.SSL_read
+        self._get_error = _util.lib.SSL_get_error
+        self._want_read = _util.lib.SSL_ERROR_WANT_READ
+        #: A C pointer to the bytes of a buffer (no copy).
+        self.pointer_to = _util.ffi.from_buffer
 
-    def read_bio(self, bio: Any) -> int:
+    def read_bio(self, bio: Any, offset: int = 0) -> int:
         """
-        Move what the memory BIO C{bio} holds, up to the buffer's size, into
-        the buffer; the count (0 or less when it was empty).
+        Move what the memory BIO C{bio} holds, as much as fits, into the
+        buffer at C{offset}; the count (0 or less when it was empty).
         """
-        count: int = self._bio_read(bio, self._pointer, self.size)
+        count: int = self._bio_read(bio, self._pointer + offset, self.size - offset)
         return count
+
+    def wants_more(self, ssl: Any, result: int) -> bool:
+        """
+        Whether C{result}, what C{SSL_read} returned on the TLS connection
+        C{ssl}, means only that it needs more input first.
+        """
+        return bool(self._get_error(ssl, result) == self._want_read)
+
+    def write_bio(self, bio: Any, data: Any, offset: int, count: int) -> int:
+        """
+        Hand C{count} bytes of C{data} (a pointer of L{pointer_to}) from
+        C{offset} on to the memory BIO C{bio}; the count written (0 or less
+        on failure).
+        """
+        written: int = self._bio_write(bio, data + offset, count)
+        return written
 
     def read_ssl(self, ssl: Any, offset: int, count: int) -> int:
         """
@@ -245,9 +275,10 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
     socket read goes to the protocol above at once (up to L{BATCH} bytes),
     rather than one call per 16 KiB TLS record, so the HTTP layers run once
     per read, not 64 times per MiB of upload; and what the protocol writes
-    is encrypted and handed to the socket L{WRITE_CHUNK} bytes at a time
-    (OpenSSL cuts it into records, in one call: L{whole_writes}), not one
-    record per Python round.
+    is encrypted L{OUTPUT_PIECE} bytes per call (OpenSSL cuts it into
+    records: L{whole_writes}), not one record per Python round, and handed
+    to the socket L{WRITE_CHUNK} bytes at a time. OpenSSL is handed what
+    arrives L{INPUT_PIECE} bytes at a time, so that its buffers stay small.
     """
 
     def makeConnection(self, transport: Any) -> None:
@@ -261,46 +292,102 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
             return
         view = memoryview(data)
         done = 0
+        filled = 0
         send = self._tlsConnection.send
         while done < len(view):
-            # One call encrypts the whole chunk (see whole_writes; one record
-            # per call where partial writes stay on); the output is collected
-            # once per chunk.
-            end = min(done + WRITE_CHUNK, len(view))
+            # One call encrypts the whole piece (see whole_writes; one record
+            # per call where partial writes stay on); the output is gathered
+            # and sent WRITE_CHUNK bytes at a time.
+            end = min(done + OUTPUT_PIECE, len(view))
             try:
                 while done < end:
                     done += send(view[done:end])
             except WantReadError:
-                self._flushSendBIO()
+                self._send_out(self._collect(filled))
                 self._bufferedWrite(bytes(view[done:]))
-                break
+                return
             except OpenSSLError:
+                self._send_out(filled)
                 self._tlsShutdownFinished(Failure())
-                break
-            self._flushSendBIO()
+                return
+            filled = self._collect(filled)
+            if filled >= WRITE_CHUNK:
+                self._send_out(filled)
+                filled = 0
+        self._send_out(filled)
 
     def _flushSendBIO(self) -> None:
-        # What OpenSSL encrypted is read out of its memory BIO into one
-        # buffer shared by all connections (the event loop runs one at a
-        # time) and sent from there; only what the socket does not take
-        # is copied, into the transport's queue. (pyOpenSSL's bio_read
-        # copies it into a fresh buffer and then into bytes.)
+        self._send_out(self._collect(0))
+
+    def _collect(self, filled: int) -> int:
+        """
+        Move what OpenSSL encrypted out of its memory BIO into the output
+        buffer, after its first C{filled} bytes, sending the buffer whenever
+        it is full; how many bytes it holds now, not sent yet. (The buffer
+        is shared by all connections: the event loop runs one at a time.
+        pyOpenSSL's bio_read copies into a fresh buffer and then into bytes.)
+        """
         bio = self._tlsConnection._from_ssl
         while True:
-            count = _out.read_bio(bio)
+            count = _out.read_bio(bio, filled)
             if count <= 0:
+                return filled
+            filled += count
+            if filled == _out.size:
+                self._send_out(filled)
+                filled = 0
+
+    def _send_out(self, filled: int) -> None:
+        """
+        Send the first C{filled} bytes of the output buffer: what the socket
+        does not take at once is copied into the transport's queue.
+        """
+        if filled and self.transport is not None:
+            write_now(self.transport, _out.view[:filled])
+
+    def dataReceived(self, data: bytes) -> None:
+        # twisted.protocols.tls.TLSMemoryBIOProtocol.dataReceived, with what
+        # arrived handed to OpenSSL INPUT_PIECE bytes at a time, each piece
+        # decrypted before the next: OpenSSL's input buffer (a memory BIO)
+        # keeps the largest size it ever held for as long as the connection
+        # lasts. What is decrypted still goes up together (L{_decrypt}).
+        connection = self._tlsConnection
+        pointer = _in.pointer_to(data)
+        size = 0
+        for start in range(0, len(data), INPUT_PIECE):
+            if self._lostTLSConnection:
                 break
-            if self.transport is not None:
-                write_now(self.transport, _out.view[:count])
+            count = min(INPUT_PIECE, len(data) - start)
+            written = _in.write_bio(connection._into_ssl, pointer, start, count)
+            if written <= 0:  # out of memory: as pyOpenSSL's bio_write
+                connection._handle_bio_errors(connection._into_ssl, written)
+            if not self._handshakeDone:
+                self._checkHandshakeStatus()
+                if not self._handshakeDone:
+                    continue
+            if self._appSendBuffer:
+                self._unbufferPendingWrites()
+            size = self._decrypt(size)
+        self._deliver(size)
+        self._flushSendBIO()
 
     def _flushReceiveBIO(self) -> None:
-        # twisted.protocols.tls.TLSMemoryBIOProtocol._flushReceiveBIO, with
-        # the records decrypted one after the other into one buffer and
-        # delivered together, copied once (pyOpenSSL's recv copies each
-        # record twice, and joining them would copy them again).
+        # twisted.protocols.tls.TLSMemoryBIOProtocol._flushReceiveBIO (called
+        # as the connection ends), through L{_decrypt}.
+        self._deliver(self._decrypt(0))
+        self._flushSendBIO()
+
+    def _decrypt(self, size: int) -> int:
+        """
+        Decrypt the records OpenSSL's input holds into the input buffer, one
+        after the other after its first C{size} bytes, handing the buffer to
+        the protocol above whenever it holds L{BATCH} bytes and as the TLS
+        connection ends; how many bytes it holds now, not handed over yet.
+        (pyOpenSSL's recv copies each record twice, and joining them would
+        copy them again.)
+        """
         connection = self._tlsConnection
         ssl = connection._ssl
-        size = 0
         while not self._lostTLSConnection:
             result = _in.read_ssl(ssl, size, RECORD_READ)
             if result > 0:
@@ -309,6 +396,8 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
                     self._deliver(size)
                     size = 0
                 continue
+            if _in.wants_more(ssl, result):
+                break  # (without raising pyOpenSSL's WantReadError for it)
             try:
                 connection._raise_ssl_error(ssl, result)
             except WantReadError:
@@ -324,8 +413,7 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(Failure())
             else:  # no error for a read that returned nothing: nothing more
                 break
-        self._deliver(size)
-        self._flushSendBIO()
+        return size
 
     def _deliver(self, size: int) -> None:
         """

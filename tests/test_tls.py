@@ -128,20 +128,31 @@ class _CountingConnection:
         return getattr(self._connection, name)
 
 
-def test_a_large_write_is_encrypted_a_chunk_per_call(tmp_path: Path) -> None:
+def test_a_large_write_is_encrypted_in_pieces_and_sent_in_chunks(tmp_path: Path) -> None:
     """
-    OpenSSL encrypts each 256 KiB chunk of an answer in one call, as many
-    records as it takes (a MiB in 4 calls, not 64 of one 16 KiB record),
-    and the client gets every byte in order.
+    OpenSSL encrypts an answer 64 KiB at a time, as many records as it
+    takes (a MiB in 16 calls, not 64 of one 16 KiB record, nor one call
+    that would leave its output buffer a MiB large for the connection's
+    life), what it encrypted goes to the socket in 256 KiB chunks (4
+    writes), and the client gets every byte in order.
     """
     server, client, pump = tls_pair(tmp_path)
     tls: Any = server.transport
     counting = _CountingConnection(tls._tlsConnection)
     tls._tlsConnection = counting
+    writes: list[int] = []
+    write = tls.transport.write
+
+    def counted(data: bytes) -> None:
+        writes.append(len(data))
+        write(data)
+
+    tls.transport.write = counted
     body = os.urandom(1 << 20)
     tls.write(body)
     pump.flush()  # type: ignore[attr-defined]
-    assert counting.sends == 4
+    assert counting.sends == 16
+    assert len(writes) == 4 and min(writes) >= 256 << 10, writes
     assert b"".join(client.chunks) == body
 
 
