@@ -64,7 +64,7 @@ def cold_file(tmp_path: Path) -> tuple[Path, bytes]:
     data = os.urandom(3 * MiB)
     path = tmp_path / "object"
     path.write_bytes(data)
-    evict(path)
+    assert evict(path) == 0
     return path, data
 
 
