@@ -212,7 +212,9 @@ class _Buffer:
     C{bio_read} read into a fresh buffer each time and copy it into
     C{bytes}. One per direction serves every connection: the event loop
     handles one at a time, and what is read is sent or copied before
-    anything else runs.
+    anything else runs. It also carries the other bindings its direction
+    uses (handing OpenSSL its input without pyOpenSSL's wrapper, telling a
+    read that needs more input from an error without raising).
     """
 
     def __init__(self, size: int) -> None:
