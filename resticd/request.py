@@ -6,13 +6,16 @@ them against quotas as they arrive, and records what became of each request
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol
 
+from urllib.parse import unquote_to_bytes
+
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import RESPONSES
+from twisted.web.http import RESPONSES, datetimeToString
 
 from .deadlines import Deadline
 from .errors import PayloadTooLarge, ResticdError
@@ -79,6 +82,24 @@ class RequestLimits:
 
 
 DEFAULT_LIMITS = RequestLimits()
+
+
+class HTTPDate:
+    """
+    The value of the Date header for a time, formatted once per second.
+    """
+
+    _second = -1
+    _value = b""
+
+    def __call__(self, now: float) -> bytes:
+        second = int(now)
+        if second != self._second:
+            self._second, self._value = second, datetimeToString(second)
+        return self._value
+
+
+http_date = HTTPDate()
 
 
 def request_line(request: server.Request) -> tuple[bytes | None, bytes | None]:
@@ -333,6 +354,26 @@ class SpoolingRequest(server.Request):
             channel.write_with_headers(super().write, data)
         else:
             super().write(data)
+
+    def process(self) -> None:
+        # twisted.web.server.Request.process, with the Date header formatted
+        # once a second rather than for every request (from the site's
+        # reactor's clock), and no look for content encoders (none of
+        # resticd's resources has one).
+        site = self.site = self.channel.site  # type: ignore[attr-defined]
+        reactor = getattr(site, "reactor", None)
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", [server.version])
+        headers.setRawHeaders(b"Date", [http_date(reactor.seconds() if reactor is not None else time.time())])
+        self.prepath = []
+        self.postpath = [unquote_to_bytes(segment) for segment in self.path[1:].split(b"/")]
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._clear_deadline()

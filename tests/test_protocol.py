@@ -563,6 +563,58 @@ async def test_an_answer_reaches_the_connection_in_one_write(server: Server) -> 
         protocol.connectionLost(Failure(ConnectionDone()))
 
 
+def _answers(server: Server, raw: bytes) -> bytes:
+    """
+    What a new connection to the server's site answers to C{raw}.
+    """
+    protocol = server.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(raw)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    answer: bytes = transport.value()
+    return answer
+
+
+def _header(answer: bytes, name: bytes) -> bytes | None:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        key, _, value = line.partition(b": ")
+        if key.lower() == name:
+            return value
+    return None
+
+
+def test_answers_are_dated_by_the_sites_clock(server: Server) -> None:
+    """
+    Every answer carries a Date header with the current time of the site's
+    clock, in HTTP's format, and a Server header; it moves on with the
+    clock, second by second.
+    """
+    clock: Any = server.reactor
+    clock.advance(1_780_000_000.4 - clock.seconds())
+    ask = b"HEAD /r/config HTTP/1.1\r\nHost: x\r\n\r\n"
+    first = _answers(server, ask)
+    assert _header(first, b"date") == b"Thu, 28 May 2026 20:26:40 GMT"
+    assert (_header(first, b"server") or b"").startswith(b"TwistedWeb/")
+    clock.advance(0.5)
+    assert _header(_answers(server, ask), b"date") == b"Thu, 28 May 2026 20:26:40 GMT"
+    clock.advance(0.2)
+    assert _header(_answers(server, ask), b"date") == b"Thu, 28 May 2026 20:26:41 GMT"
+    clock.advance(86400)
+    assert _header(_answers(server, ask), b"date") == b"Fri, 29 May 2026 20:26:41 GMT"
+
+
+def test_options_star_is_answered_without_a_resource(server: Server) -> None:
+    """
+    C{OPTIONS *} (a client probing the server) gets an empty 200; any other
+    method on C{*} a 405 that allows only OPTIONS.
+    """
+    options = _answers(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert options.startswith(b"HTTP/1.1 200 ") and _header(options, b"content-length") == b"0"
+    get = _answers(server, b"GET * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert get.startswith(b"HTTP/1.1 405 ") and _header(get, b"allow") == b"OPTIONS"
+
+
 def _upload_request(body: bytes) -> bytes:
     """
     A whole upload of C{body} as restic sends it, headers and body.
