@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol
-
 from urllib.parse import unquote_to_bytes
 
 from twisted.python.failure import Failure
