@@ -416,8 +416,8 @@ def test_idle_tls_connections_keep_no_large_buffers(tmp_path: Path) -> None:
     stay open, idle (as clients keep them), hold little memory each: the
     daemon's resident size grows by under 16 MiB for 24 of them. (OpenSSL's
     input and output buffers keep the largest size they were handed for
-    as long as a connection lasts: handed whole 1 MiB reads and 256 KiB
-    writes, each such connection held some 1.7 MiB, 40 MiB for these.)
+    as long as a connection lasts: handed whole socket reads of up to a MiB
+    and 256 KiB writes, these held 27 MiB.)
     """
     objects = []
     for i in range(24):

@@ -156,6 +156,52 @@ def test_a_large_write_is_encrypted_in_pieces_and_sent_in_chunks(tmp_path: Path)
     assert b"".join(client.chunks) == body
 
 
+def test_encrypted_output_larger_than_the_output_buffer_is_all_sent(tmp_path: Path) -> None:
+    """
+    When OpenSSL holds more encrypted bytes than the shared output buffer
+    (a write encrypted in one call, outside the usual pieces), all of them
+    are sent in one flush, buffer after buffer, and the client gets every
+    byte in order.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    tls: Any = server.transport
+    body = os.urandom(600 << 10)
+    view = memoryview(body)
+    done = 0
+    while done < len(body):
+        done += tls._tlsConnection.send(view[done:])
+    tls._flushSendBIO()
+    pump.flush()  # type: ignore[attr-defined]
+    assert b"".join(client.chunks) == body
+
+
+class _FailingConnection(_CountingConnection):
+    """
+    A pyOpenSSL connection whose third C{send} fails.
+    """
+
+    def send(self, data: bytes) -> int:
+        if self.sends == 2:
+            raise SSL.Error([("SSL routines", "", "bad write retry")])
+        return super().send(data)
+
+
+def test_what_was_encrypted_before_a_failing_write_is_sent(tmp_path: Path) -> None:
+    """
+    A write that OpenSSL fails part-way (after two of its 64 KiB pieces)
+    ends the connection with the error; the pieces encrypted before it
+    still reach the client, in order.
+    """
+    server, client, pump = tls_pair(tmp_path)
+    tls: Any = server.transport
+    tls._tlsConnection = _FailingConnection(tls._tlsConnection)
+    body = os.urandom(1 << 20)
+    tls.write(body)
+    pump.flush()  # type: ignore[attr-defined]
+    assert b"".join(client.chunks) == body[: 128 << 10]
+    assert server.lost is not None and server.lost.check(SSL.Error) is not None, server.lost
+
+
 def test_a_damaged_record_ends_the_connection_after_what_came_before(tmp_path: Path) -> None:
     """
     Records decrypted before a damaged one (its MAC does not check) reach
