@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import Any
 
 import pytest
 from h2.config import H2Configuration
@@ -13,11 +14,15 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event
 from h2.exceptions import FrameTooLargeError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 from hypothesis import given, settings
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from hypothesis import strategies as st
 
 from resticd.h2 import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, ResticH2Connection, announce_settings
@@ -44,23 +49,32 @@ def opened_stream(server: H2Connection) -> H2Connection:
 def test_data_frames_are_what_h2_would_send() -> None:
     """
     The DATA frames resticd builds itself are byte for byte those h2 builds,
-    leave both flow-control windows where h2 leaves them, and reach the
-    client as the response's bytes.
+    as many as the peer's largest frame size makes of the data (h2 is
+    handed one frame's worth at a time), leave both flow-control windows
+    where h2 leaves them, and reach the client as the response's bytes.
     """
     ours = ResticH2Connection()
     ours.conn = H2Connection(H2Configuration(client_side=False))
     client = opened_stream(ours.conn)
     theirs = H2Connection(H2Configuration(client_side=False))
     opened_stream(theirs)
-    payload = os.urandom(16384)
-    for piece in (memoryview(payload), memoryview(payload)[:1000], b"x"):
-        frame = b"".join(ours._data_frame(1, piece))
-        theirs.send_data(1, bytes(piece))
-        assert frame == theirs.data_to_send()
+    frame_size = theirs.max_outbound_frame_size
+    payload = os.urandom(2 * frame_size + 123)
+    for piece, count in ((memoryview(payload)[:frame_size], 1), (memoryview(payload)[:1000], 1), (b"x", 1), (memoryview(payload), 3)):
+        pieces: list[bytes | memoryview] = []
+        assert ours._data_frames(1, piece, pieces) == count
+        for start in range(0, len(piece), frame_size):
+            theirs.send_data(1, bytes(piece[start : start + frame_size]))
+        assert b"".join(pieces) == theirs.data_to_send()
         assert ours.conn.streams[1].outbound_flow_control_window == theirs.streams[1].outbound_flow_control_window
         assert ours.conn.outbound_flow_control_window == theirs.outbound_flow_control_window
-        events = client.receive_data(frame)
-        assert [bytes(e.data) for e in events if isinstance(e, DataReceived)] == [bytes(piece)]
+        events = client.receive_data(b"".join(pieces))
+        received = [bytes(e.data) for e in events if isinstance(e, DataReceived)]
+        assert len(received) == count and b"".join(received) == bytes(piece)
+        client.acknowledge_received_data(len(piece), 1)
+        update = client.data_to_send()
+        ours.conn.receive_data(update)
+        theirs.receive_data(update)
 
 
 def test_data_frame_on_a_closed_stream_is_h2s_error() -> None:
@@ -73,7 +87,7 @@ def test_data_frame_on_a_closed_stream_is_h2s_error() -> None:
     opened_stream(ours.conn)
     ours.conn.end_stream(1)
     with pytest.raises(StreamClosedError):
-        ours._data_frame(1, memoryview(b"late"))
+        ours._data_frames(1, memoryview(b"late"), [])
 
 
 def configured(server: H2Connection) -> H2Connection:
@@ -294,3 +308,138 @@ def test_a_new_connection_offers_large_frames_and_windows() -> None:
     assert client.local_flow_control_window(1) == STREAM_WINDOW == 4 << 20
     assert client.outbound_flow_control_window == CONNECTION_WINDOW == 16 << 20
     channel.connectionLost(Failure(ConnectionDone()))
+
+
+class _Answer(Resource):
+    """
+    Answers every GET with C{body}, written C{piece} bytes at a time before
+    the render returns (as static's producers write a read each).
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, piece: int) -> None:
+        super().__init__()
+        self.body = body
+        self.piece = piece
+
+    def render_GET(self, request: Request) -> int:
+        for start in range(0, len(self.body), self.piece):
+            request.write(self.body[start : start + self.piece])
+        request.finish()
+        return NOT_DONE_YET
+
+
+class Turns(Clock):
+    """
+    A clock that runs the calls due now one reactor turn at a time: what
+    they schedule for now waits for the next L{turn}.
+    """
+
+    def turn(self) -> None:
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+def answered(
+    body: bytes, piece: int, streams: int, window: int = 1 << 24
+) -> tuple[ResticH2Connection, H2Connection, StringTransport, Turns]:
+    """
+    A connection whose C{streams} GETs, sent at once, L{_Answer} answers;
+    its client (16 KiB frames, as restic's Go client takes, and a window of
+    C{window} bytes per stream), the server's transport and its clock.
+    """
+    clock = Turns()
+    site = Site(_Answer(body, piece))
+    server = ResticH2Connection(clock)
+    made: Any = server  # what the channel that switches to HTTP/2 sets
+    made.site = site
+    made.requestFactory = site.requestFactory
+    made.factory = None
+    transport = StringTransport()
+    server.makeConnection(transport)
+    clock.turn()  # the send loop starts, and sleeps: nothing to send
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window})
+    client.increment_flow_control_window(1 << 28)
+    client.receive_data(transport.value())
+    transport.clear()
+    for stream in range(streams):
+        request = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "h")]
+        client.send_headers(1 + 2 * stream, request, end_stream=True)
+    server.dataReceived(client.data_to_send())
+    return server, client, transport, clock
+
+
+def data_frames(client: H2Connection, transport: StringTransport) -> list[tuple[int, bytes]]:
+    """
+    The stream and payload of each DATA frame the server sent since the
+    last call, in order.
+    """
+    events = client.receive_data(transport.value())
+    transport.clear()
+    return [(e.stream_id, bytes(e.data)) for e in events if isinstance(e, DataReceived) and e.data]
+
+
+@pytest.mark.parametrize("piece", [256 << 10, 1 << 20])
+def test_an_answer_goes_out_in_turns_of_at_most_16_frames(piece: int) -> None:
+    """
+    A MiB answer, written in pieces of 256 KiB or a whole MiB, reaches a
+    client that takes 16 KiB frames as 64 frames, 16 per reactor turn, so
+    that other connections get their turns between; all of it arrives, in
+    order.
+    """
+    body = os.urandom(1 << 20)
+    server, client, transport, clock = answered(body, piece, streams=1)
+    turns = [data_frames(client, transport)]
+    while len(turns) < 20 and clock.calls:
+        clock.turn()
+        turns.append(data_frames(client, transport))
+    sent = [turn for turn in turns if turn]
+    assert [len(turn) for turn in sent] == [16, 16, 16, 16]
+    assert all(stream == 1 and len(data) == 16384 for turn in sent for stream, data in turn)
+    assert b"".join(data for turn in sent for _, data in turn) == body
+
+
+def test_two_answers_on_one_connection_take_turns() -> None:
+    """
+    Two answers of a MiB on one connection, written 256 KiB at a time,
+    progress together: the send loop's turns alternate between them, each
+    turn 16 frames (one written piece), and both arrive whole, in order.
+    """
+    body = os.urandom(1 << 20)
+    server, client, transport, clock = answered(body, 256 << 10, streams=2)
+    turns = [data_frames(client, transport)]
+    while len(turns) < 20 and clock.calls:
+        clock.turn()
+        turns.append(data_frames(client, transport))
+    sent = [turn for turn in turns if turn]
+    assert [len(turn) for turn in sent] == [16] * 8
+    assert [{stream for stream, _ in turn} for turn in sent] == [{1}, {3}] * 4
+    for stream in (1, 3):
+        assert b"".join(data for turn in sent for number, data in turn if number == stream) == body
+
+
+def test_frames_stop_at_the_streams_window_and_go_on_when_it_opens() -> None:
+    """
+    A written piece larger than what the client's window allows is sent up
+    to the window (the last frame shorter), and the rest once the client
+    opens the window again; nothing is lost or sent twice.
+    """
+    body = os.urandom(64 << 10)
+    server, client, transport, clock = answered(body, 64 << 10, streams=1, window=40 << 10)
+    first = data_frames(client, transport)
+    assert [len(data) for _, data in first] == [16384, 16384, 8192]
+    client.acknowledge_received_data(40 << 10, 1)
+    transport.clear()
+    server.dataReceived(client.data_to_send())
+    rest = []
+    for _ in range(5):
+        rest += data_frames(client, transport)
+        clock.turn()
+    assert [len(data) for _, data in rest] == [16384, 8192]
+    assert b"".join(data for _, data in first + rest) == body
