@@ -5,6 +5,7 @@ Where resticd spends its time on one workload, run by hand::
     .venv/bin/python bench/hotspots.py upload|download|range|head|small [--https] [--with perf|py-spy] [--count N] [--objects N]
     .venv/bin/python bench/hotspots.py requests [--count N]
     .venv/bin/python bench/hotspots.py h2-receive [--count N]
+    .venv/bin/python bench/hotspots.py h2-send [--count N]
 
 For C{upload}, C{download}, C{range}, C{head} and C{small} (small durable
 uploads, as bench/run.py makes them) it starts one daemon (the
@@ -17,7 +18,10 @@ printed. C{requests} measures and profiles (C{cProfile}) the Python cost of
 one HEAD and one range answer inside this process, through the real site
 but without sockets. C{h2-receive} measures, in this process, the CPU time
 resticd's HTTP/2 connection takes to receive an upload's DATA frames, against
-the h2 library's own connection, for reads of several sizes. No peer server: bench/run.py is the comparison; this
+the h2 library's own connection, for reads of several sizes. C{h2-send}
+measures, in this process, the CPU time resticd takes to send whole objects
+over HTTP/2 in 16 KiB frames (as restic's Go client takes them), one answer
+at a time and four at once, through the real site. No peer server: bench/run.py is the comparison; this
 is the microscope for a change (run it on two checkouts to compare them,
 as bench/README.md shows).
 """
@@ -51,10 +55,10 @@ SERVED = ("upload", "download", "range", "head", "small")
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Where resticd spends its time on one workload (run by hand; see bench/README.md).")
-    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive"))
+    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive", "h2-send"))
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
-    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small) or MiB (h2-receive); defaults: 128, 128, 20000, 20000, 2000, 10000, 512")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small) or MiB (h2-receive, h2-send); defaults: 128, 128, 20000, 20000, 2000, 10000, 512, 256")
     parser.add_argument("--objects", type=int, default=16,
                         help="8 MiB objects that range and HEAD requests spread over (default 16; bench/run.py uses 128, "
                              "whose page-cache pages are then mostly out of the CPU caches)")
@@ -67,7 +71,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "requests": 2_000, "h2-receive": 512}
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256}
 
 
 def start_recording(profiler: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -328,6 +332,93 @@ def h2_receive(args: argparse.Namespace) -> None:
         print(f"{read >> 10:>7} KiB  {costs[0]:8.3f}  {costs[1]:8.3f}")
 
 
+def h2_send(args: argparse.Namespace) -> None:
+    """
+    CPU time per GiB resticd takes to send 8 MiB objects from the page cache
+    over HTTP/2 (no TLS), through the real site, to a client that takes
+    16 KiB frames and opens its windows as Go's does: one answer at a time,
+    then four at once on one connection. Only the server's calls are timed
+    (the client, the h2 library, parses what it gets between them).
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+    from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from tests.web import make_server
+
+    root = tempfile.mkdtemp(prefix="resticd-profile-")
+    try:
+        site = make_server(os.path.join(root, "data")).site
+        site.reactor = reactor  # Twisted's HTTP/2 send loop and producers run on the global reactor
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+
+        def connect(negotiated: bytes | None) -> tuple[object, StringTransport]:
+            channel = site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+            transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
+            channel.makeConnection(transport)
+            return channel, transport
+
+        channel, transport = connect(None)
+        names = []
+        for seed in range(4):
+            body = random.Random(seed).randbytes(run.OBJECT_SIZE)
+            name = hashlib.sha256(body).hexdigest().encode()
+            names.append(name)
+            raws = [b"POST /r/data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (name, len(body), body)]
+            if seed == 0:
+                raws.insert(0, b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            for raw in raws:
+                channel.dataReceived(raw)  # type: ignore[attr-defined]
+                reply = transport.value()
+                transport.clear()
+                if not reply.startswith(b"HTTP/1.1 200"):
+                    raise SystemExit(f"hotspots.py: setting up failed: {reply[:200]!r}")
+        run.cache_tree(Path(root))
+        total = (args.count or DEFAULT_COUNT["h2-send"]) * run.MiB
+        print("sending 8 MiB objects over HTTP/2 in 16 KiB frames, resticd's CPU seconds per GiB (in process, no TLS):")
+        for streams in (1, 4):
+            spent = 0.0
+            sent = 0
+            while sent < total:
+                server, wire = connect(b"h2")
+                client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+                client.initiate_connection()
+                client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 4 << 20})
+                client.increment_flow_control_window(1 << 30)
+                for number in range(streams):
+                    path = b"/r/data/" + names[number % len(names)]
+                    headers = [(b":method", b"GET"), (b":path", path), (b":scheme", b"https"), (b":authority", b"x")]
+                    client.send_headers(client.get_next_available_stream_id(), headers, end_stream=True)
+                pending = client.data_to_send()
+                ended = 0
+                while ended < streams:
+                    started = time.process_time()
+                    if pending:
+                        server.dataReceived(pending)  # type: ignore[attr-defined]
+                    reactor.runUntilCurrent()  # type: ignore[attr-defined]
+                    out = wire.value()
+                    wire.clear()
+                    spent += time.process_time() - started
+                    for event in client.receive_data(out):
+                        if isinstance(event, h2.events.DataReceived):
+                            sent += event.flow_controlled_length
+                            client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        elif isinstance(event, h2.events.StreamEnded):
+                            ended += 1
+                    pending = client.data_to_send()
+                server.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+            print(f"{streams} answer(s) at a time: {spent * run.GiB / sent:.3f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, run.on_sigterm)
@@ -336,6 +427,8 @@ def main(argv: Sequence[str]) -> int:
             requests(args)
         elif args.workload == "h2-receive":
             h2_receive(args)
+        elif args.workload == "h2-send":
+            h2_send(args)
         else:
             served(args)
     except KeyboardInterrupt:
