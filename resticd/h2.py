@@ -17,7 +17,8 @@ when a client negotiates C{h2} by ALPN. It is also tuned. For uploads, it
 accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
 sends a pack in a few dozen frames, not hundreds), it cuts the frames out of
 each read as it came (L{_FrameBuffer}: once, where h2 copies each frame's
-bytes three times) and it does not build a hex dump of every DATA frame for h2's
+bytes three times, or not at all for a frame that arrived whole in an
+immutable read) and it does not build a hex dump of every DATA frame for h2's
 trace log, which is off. For downloads, it
 sends up to 16 DATA frames per reactor iteration instead of one and hands them
 to the transport (TLS) in one write, it sends each piece of a response as a
@@ -128,7 +129,9 @@ class _FrameBuffer(FrameBuffer):
     are parsed from a view of the data as it came (h2 appends all of it to
     one buffer, copies each frame out of it, then shifts the rest down), and
     only the start of a frame that has not fully arrived is kept for the next
-    read, topped up with just the bytes that frame lacks. A frame longer than
+    read, topped up with just the bytes that frame lacks. The payload of an
+    unpadded DATA frame that arrived whole in a read of C{bytes} (which the
+    TLS layer hands on) is a view of the read, not a copy. A frame longer than
     allowed is refused on its header, not once all of it has arrived; allowed
     is what C{limit} says when the header is read, so that frames sent after
     the client acknowledged a larger size are taken even when the
@@ -141,6 +144,7 @@ class _FrameBuffer(FrameBuffer):
         self._limit = limit
         self._view = memoryview(b"")
         self._at = 0
+        self._immutable = False
 
     def add_data(self, data: Any) -> None:
         if self._preamble_len:
@@ -150,6 +154,7 @@ class _FrameBuffer(FrameBuffer):
         else:
             self._view = memoryview(data)
             self._at = 0
+            self._immutable = type(data) is bytes
 
     def _take(self, size: int) -> None:
         """
@@ -169,8 +174,16 @@ class _FrameBuffer(FrameBuffer):
         return frame, length
 
     @staticmethod
-    def _body(frame: Frame, body: memoryview) -> None:
-        # Every frame type copies what it keeps out of the view (hyperframe's
+    def _body(frame: Frame, body: memoryview, immutable: bool = False) -> None:
+        if immutable and frame.__class__ is DataFrame and "PADDED" not in frame.flags:
+            # An upload's bytes, in a read nothing will change: its view is
+            # the payload (h2 and Twisted hand it on as it is, to the spool),
+            # not a copy of it.
+            data_frame: Any = frame
+            data_frame.data = body
+            data_frame.body_len = len(body)
+            return
+        # Every other frame copies what it keeps out of the view (hyperframe's
         # parse_body), so the view may be released after.
         try:
             frame.parse_body(body)
@@ -207,7 +220,7 @@ class _FrameBuffer(FrameBuffer):
         if len(view) - at < 9 + length:
             self._take(len(view) - at)
             return None
-        self._body(frame, view[at + 9 : at + 9 + length])
+        self._body(frame, view[at + 9 : at + 9 + length], self._immutable)
         self._at = at + 9 + length
         return frame
 

@@ -250,9 +250,10 @@ def test_an_overlong_frame_is_refused_on_its_header() -> None:
 
 def test_a_read_is_not_held_once_handled() -> None:
     """
-    Nothing refers to a read's buffer once the connection has handled it:
-    the caller may reuse it at once, and the start of a frame that has not
-    fully arrived, kept for the next read, is kept as it was received.
+    Nothing refers to a read's buffer that can change (a bytearray) once
+    the connection has handled it: the caller may reuse it at once, and the
+    start of a frame that has not fully arrived, kept for the next read, is
+    kept as it was received.
     """
     server = configured(ResticH2Connection().conn)
     client = started(server)
@@ -265,6 +266,39 @@ def test_a_read_is_not_held_once_handled() -> None:
     first.clear()  # would raise BufferError if still referred to
     events = server.receive_data(wire[5000:])
     assert b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived)) == payload
+
+
+def test_upload_bytes_in_an_immutable_read_are_not_copied() -> None:
+    """
+    The payload of a DATA frame that arrived whole in a read of C{bytes}
+    (what the TLS layer hands on) is a view of that read, not a copy; a
+    frame that spans two reads, a padded one, or one in a read its owner
+    may reuse (a bytearray) is copied as h2 does, and every payload holds
+    the bytes sent.
+    """
+    server = configured(ResticH2Connection().conn)
+    client = started(server)
+    payloads = [os.urandom(10_000), os.urandom(5_000), os.urandom(12_000)]
+    client.send_data(1, payloads[0])
+    client.send_data(1, payloads[1], pad_length=17)
+    client.send_data(1, payloads[2], end_stream=True)
+    wire = client.data_to_send()
+    cut = len(wire) - 3_000  # inside the last frame
+    first, second = wire[:cut], wire[cut:]
+    events = server.receive_data(first) + server.receive_data(second)
+    data = [e.data for e in events if isinstance(e, DataReceived)]
+    assert [bytes(d) for d in data] == payloads
+    assert isinstance(data[0], memoryview) and data[0].obj is first
+    assert not (isinstance(data[1], memoryview) and data[1].obj is first)
+    assert not isinstance(data[2], memoryview) or data[2].obj not in (first, second)
+    # A read in a buffer its owner may reuse is copied, whole frames too.
+    server = configured(ResticH2Connection().conn)
+    client = started(server)
+    client.send_data(1, payloads[0], end_stream=True)
+    reused = bytearray(client.data_to_send())
+    events = server.receive_data(reused)
+    reused[:] = bytes(len(reused))
+    assert [bytes(e.data) for e in events if isinstance(e, DataReceived)] == [payloads[0]]
 
 
 def test_a_wrong_preamble_is_a_protocol_error() -> None:
