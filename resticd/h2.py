@@ -314,10 +314,10 @@ class ResticH2Connection(H2Connection):
         one write, and built here (L{_data_frames}) rather than by h2. A
         stream picked sends as many frames in a row as its next piece of
         data, its window and the turn allow (restic's Go client takes 16 KiB
-        frames: a 64 KiB read is 4 frames of one stream, not 4 turns of the
-        priority tree). Streams take turns as the priority tree says; the
-        loop sleeps when every stream is blocked and waits while the
-        transport is full.
+        frames: a 256 KiB read of an object goes out as 16 frames of one
+        stream, the priority tree asked once, not 16 times). Streams take
+        turns as the priority tree says, a piece at a time; the loop sleeps
+        when every stream is blocked and waits while the transport is full.
         """
         pieces: list[bytes | memoryview] = []
         frames = 0
