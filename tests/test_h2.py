@@ -60,7 +60,13 @@ def test_data_frames_are_what_h2_would_send() -> None:
     opened_stream(theirs)
     frame_size = theirs.max_outbound_frame_size
     payload = os.urandom(2 * frame_size + 123)
-    for piece, count in ((memoryview(payload)[:frame_size], 1), (memoryview(payload)[:1000], 1), (b"x", 1), (memoryview(payload), 3)):
+    cases: list[tuple[bytes | memoryview, int]] = [
+        (memoryview(payload)[:frame_size], 1),
+        (memoryview(payload)[:1000], 1),
+        (b"x", 1),
+        (memoryview(payload), 3),
+    ]
+    for piece, count in cases:
         pieces: list[bytes | memoryview] = []
         assert ours._data_frames(1, piece, pieces) == count
         for start in range(0, len(piece), frame_size):
