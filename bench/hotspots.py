@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -216,35 +216,75 @@ def served(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+class InProcess:
+    """
+    The real site over in-memory transports, for the workloads measured in
+    this process: a data directory under C{root} (repository C{/r/}).
+    """
+
+    def __init__(self, root: str) -> None:
+        from tests.web import make_server
+
+        self.site = make_server(os.path.join(root, "data")).site
+
+    def connect(self, negotiated: bytes | None = None) -> tuple[Any, Any]:
+        """
+        A new connection to the site and its transport (a StringTransport:
+        what the site writes gathers there); C{negotiated=b"h2"} makes it
+        HTTP/2 as ALPN would.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = self.site.buildProtocol(address)
+        transport: Any = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+        transport.negotiatedProtocol = negotiated
+        channel.makeConnection(transport)
+        return channel, transport
+
+    @staticmethod
+    def answer(channel: Any, transport: Any, raw: bytes) -> bytes:
+        """
+        What the site writes on C{channel} for the request bytes C{raw}.
+        """
+        channel.dataReceived(raw)
+        out: bytes = transport.value()
+        transport.clear()
+        return out
+
+    def store(self, seeds: Sequence[int]) -> list[bytes]:
+        """
+        Create the repository and upload one 8 MiB object per seed (its
+        bytes from C{random.Random(seed)}); their names.
+        """
+        channel, transport = self.connect()
+        raws = [b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"]
+        names = []
+        for seed in seeds:
+            body = random.Random(seed).randbytes(run.OBJECT_SIZE)
+            name = hashlib.sha256(body).hexdigest().encode()
+            names.append(name)
+            raws.append(b"POST /r/data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (name, len(body), body))
+        for raw in raws:
+            reply = self.answer(channel, transport, raw)
+            if not reply.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"hotspots.py: setting up failed: {reply[:200]!r}")
+        return names
+
+
 def requests(args: argparse.Namespace) -> None:
     """HEAD and range answers through the real site over an in-memory transport: Python only."""
-    from twisted.internet.address import IPv4Address
-    from twisted.internet.testing import StringTransport
-
-    from tests.web import make_server
-
     count = args.count or DEFAULT_COUNT["requests"]
     root = tempfile.mkdtemp(prefix="resticd-profile-")
     try:
-        site = make_server(os.path.join(root, "data")).site
-        address = IPv4Address("TCP", "127.0.0.1", 40000)
-        channel = site.buildProtocol(address)
-        transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
-        channel.makeConnection(transport)
+        site = InProcess(root)
+        [name] = site.store([2])
+        channel, transport = site.connect()
 
         def answer(raw: bytes) -> bytes:
-            channel.dataReceived(raw)
-            out: bytes = transport.value()
-            transport.clear()
-            return out
+            return site.answer(channel, transport, raw)
 
-        body = random.Random(2).randbytes(run.OBJECT_SIZE)
-        name = hashlib.sha256(body).hexdigest().encode()
-        for raw in (b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-                    b"POST /r/data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (name, len(body), body)):
-            reply = answer(raw)
-            if not reply.startswith(b"HTTP/1.1 200"):
-                raise SystemExit(f"hotspots.py: setting up failed: {reply[:200]!r}")
         rnd = random.Random(1)
         kinds: dict[str, list[bytes]] = {"HEAD": [], "range": []}
         for _ in range(count):
@@ -345,41 +385,14 @@ def h2_send(args: argparse.Namespace) -> None:
     import h2.events
     import h2.settings
     from twisted.internet import reactor
-    from twisted.internet.address import IPv4Address
     from twisted.internet.error import ConnectionDone
-    from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
-
-    from tests.web import make_server
 
     root = tempfile.mkdtemp(prefix="resticd-profile-")
     try:
-        site = make_server(os.path.join(root, "data")).site
-        site.reactor = reactor  # Twisted's HTTP/2 send loop and producers run on the global reactor
-        address = IPv4Address("TCP", "127.0.0.1", 40000)
-
-        def connect(negotiated: bytes | None) -> tuple[object, StringTransport]:
-            channel = site.buildProtocol(address)
-            transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
-            transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
-            channel.makeConnection(transport)
-            return channel, transport
-
-        channel, transport = connect(None)
-        names = []
-        for seed in range(4):
-            body = random.Random(seed).randbytes(run.OBJECT_SIZE)
-            name = hashlib.sha256(body).hexdigest().encode()
-            names.append(name)
-            raws = [b"POST /r/data/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (name, len(body), body)]
-            if seed == 0:
-                raws.insert(0, b"POST /r/?create=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            for raw in raws:
-                channel.dataReceived(raw)  # type: ignore[attr-defined]
-                reply = transport.value()
-                transport.clear()
-                if not reply.startswith(b"HTTP/1.1 200"):
-                    raise SystemExit(f"hotspots.py: setting up failed: {reply[:200]!r}")
+        site = InProcess(root)
+        site.site.reactor = reactor  # Twisted's HTTP/2 send loop and producers run on the global reactor
+        names = site.store(range(4))
         run.cache_tree(Path(root))
         total = (args.count or DEFAULT_COUNT["h2-send"]) * run.MiB
         print("sending 8 MiB objects over HTTP/2 in 16 KiB frames, resticd's CPU seconds per GiB (in process, no TLS):")
@@ -387,7 +400,7 @@ def h2_send(args: argparse.Namespace) -> None:
             spent = 0.0
             sent = 0
             while sent < total:
-                server, wire = connect(b"h2")
+                server, wire = site.connect(b"h2")
                 client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
                 client.initiate_connection()
                 client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 4 << 20})
@@ -401,7 +414,7 @@ def h2_send(args: argparse.Namespace) -> None:
                 while ended < streams:
                     started = time.process_time()
                     if pending:
-                        server.dataReceived(pending)  # type: ignore[attr-defined]
+                        server.dataReceived(pending)
                     reactor.runUntilCurrent()  # type: ignore[attr-defined]
                     out = wire.value()
                     wire.clear()
@@ -413,7 +426,7 @@ def h2_send(args: argparse.Namespace) -> None:
                         elif isinstance(event, h2.events.StreamEnded):
                             ended += 1
                     pending = client.data_to_send()
-                server.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+                server.connectionLost(Failure(ConnectionDone()))
             print(f"{streams} answer(s) at a time: {spent * run.GiB / sent:.3f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
