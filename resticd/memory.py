@@ -1,7 +1,8 @@
 """
 Memory: how resticd has glibc's allocator keep the large buffers of busy
-moments, and hand their memory back to the system once things are quiet;
-and how the garbage collector sits out the daemon's start.
+moments, and hand their memory back to the system once things are quiet, or
+once it keeps too much while they are not; and how the garbage collector
+sits out the daemon's start.
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ def resume_collection() -> None:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-#: How often L{IdleTrim.check} runs, in seconds: memory goes back to the
+#: How often L{MemoryTrim.check} runs, in seconds: memory goes back to the
 #: system at most about two of these after the last request ends.
-IDLE_TRIM_INTERVAL = 5.0
+TRIM_INTERVAL = 5.0
+
+#: How much larger than when it was last idle the daemon may stay while
+#: requests keep coming (the allocator keeping the large buffers of uploads
+#: for the next ones); beyond it, each check trims even then. A burst of 8
+#: concurrent uploads leaves some 25 MiB free.
+BUSY_GROWTH_LIMIT = 16 << 20
 
 
 def keep_large_buffers(mmap_threshold: int = 4 << 20, trim_threshold: int = 4 << 20) -> bool:
@@ -95,6 +102,49 @@ def heap_trimmer() -> Callable[[], bool] | None:
     return trim
 
 
+def resident_size() -> int:
+    """
+    The resident size of this process, in bytes (from C{/proc/self/statm};
+    a small read of memory the kernel keeps, no disk).
+    """
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class HeapTrim:
+    """
+    The heap trim, and the daemon's resident size after the last idle one
+    (or at the start): L{idle} trims and takes the size again, L{busy}
+    trims only while the daemon is more than C{limit} bytes larger than it
+    (by what C{resident} says).
+    """
+
+    def __init__(self, trim: Callable[[], bool], limit: int, resident: Callable[[], int] = resident_size) -> None:
+        self._trim = trim
+        self._limit = limit
+        self._resident = resident
+        self._quiet = resident()
+
+    def idle(self) -> bool:
+        """
+        Trim (the daemon is idle), and take its resident size afterwards as
+        its size when quiet; whether memory went back.
+        """
+        try:
+            return self._trim()
+        finally:
+            self._quiet = self._resident()
+
+    def busy(self) -> bool:
+        """
+        Trim if the daemon is more than the limit larger than when it was
+        last quiet; whether memory went back.
+        """
+        if self._resident() - self._quiet <= self._limit:
+            return False
+        return self._trim()
+
+
 def each_of(trims: list[Callable[[], bool]]) -> Callable[[], bool]:
     """
     One trim that runs every one of C{trims} and says whether any of them
@@ -109,7 +159,7 @@ def each_of(trims: list[Callable[[], bool]]) -> Callable[[], bool]:
 
 class Activity(Protocol):
     """
-    What L{IdleTrim} watches: the requests in flight now, and how many have
+    What L{MemoryTrim} watches: the requests in flight now, and how many have
     started since the daemon did.
     """
 
@@ -117,22 +167,31 @@ class Activity(Protocol):
     started_total: int
 
 
-class IdleTrim:
+class MemoryTrim:
     """
     Hands the memory the allocator keeps after a busy moment back to the
-    system once the daemon is quiet: L{keep_large_buffers} has freed buffers
-    stay on the heap for the next ones (a burst of uploads leaves some 25 MiB
-    there), which is right while requests come and wasted once they stop.
+    system: L{keep_large_buffers} has freed buffers stay on the heap for the
+    next ones (a burst of uploads leaves some 25 MiB there), which is right
+    while uploads come and wasted once they stop.
 
-    L{check} runs every L{IDLE_TRIM_INTERVAL} seconds; when no request is in
-    flight and none started since the previous check, but some did since the
-    last trim, C{trim} runs (once) through C{run}, a worker thread.
+    L{check} runs every L{TRIM_INTERVAL} seconds. When no request is in
+    flight and none started since the previous check, but some did since
+    the last such trim, C{idle} (everything that can go) runs once. While
+    requests come, C{busy} runs at each check: it trims the heap while the
+    daemon is more than L{BUSY_GROWTH_LIMIT} larger than when it was last
+    idle (L{HeapTrim.busy}), so that a burst's memory goes back even when
+    other requests never stop (clients that keep a server busy around the
+    clock); its cost is at most one trim per check. Both run through C{run},
+    a worker thread, one at a time.
     """
 
-    def __init__(self, activity: Activity, run: Runner, trim: Callable[[], object]) -> None:
+    def __init__(
+        self, activity: Activity, run: Runner, idle: Callable[[], object], busy: Callable[[], object] | None = None
+    ) -> None:
         self._activity = activity
         self._run = run
-        self._trim = trim
+        self._idle = idle
+        self._busy = busy
         self._seen = activity.started_total
         self._trimmed_at = activity.started_total
         self._trimming = False
@@ -141,18 +200,26 @@ class IdleTrim:
         started = self._activity.started_total
         quiet = started == self._seen and self._activity.count == 0
         self._seen = started
-        if not quiet or started == self._trimmed_at or self._trimming:
+        if self._trimming:
             return
-        self._trimmed_at = started
+        if quiet:
+            if started == self._trimmed_at:
+                return
+            self._trimmed_at = started
+            trim, when = self._idle, "idle"
+        elif self._busy is not None:
+            trim, when = self._busy, "busy"
+        else:
+            return
         self._trimming = True
         # A runner that refuses the call (its threads stopped) fails it here
         # too, rather than stop the timer that calls this.
-        maybeDeferred(self._run, self._trim).addCallbacks(self._trimmed, self._failed)
+        maybeDeferred(self._run, trim).addCallbacks(self._trimmed, self._failed, (when,))
 
-    def _trimmed(self, released: object) -> None:
+    def _trimmed(self, released: object, when: str) -> None:
         self._trimming = False
         if released:
-            log.debug("idle: handed free memory back to the system")
+            log.debug("{when}: handed free memory back to the system", when=when)
 
     def _failed(self, failure: Failure) -> None:
         self._trimming = False

@@ -29,7 +29,7 @@ from .config import Config
 from .errors import ErrorResource, Forbidden, NotFound
 from .health import Health, readiness_problems
 from .logs import RequestLogger, describe_address, logger, set_debug
-from .memory import IDLE_TRIM_INTERVAL, IdleTrim, each_of, heap_trimmer, keep_large_buffers
+from .memory import BUSY_GROWTH_LIMIT, TRIM_INTERVAL, HeapTrim, MemoryTrim, each_of, heap_trimmer, keep_large_buffers
 from .paths import Layout, Target
 from .request import RequestLimits, SpoolingRequest
 from .resources import Context, RepoResource
@@ -313,14 +313,19 @@ class ResticdService(service.MultiService):
         self.tls: ReloadingTLS | None = None
         self.in_flight = InFlight()
         self.site.observers.append(self.in_flight)
-        # Once idle: the staging buffers of direct writes, and glibc's heaps.
+        # Once idle: the staging buffers of direct writes, and glibc's heaps;
+        # while busy, the heaps once the daemon has grown much since a trim.
         trims = [self.site.spool.direct.release]
         heap_trim = heap_trimmer()
+        busy_trim = None
         if heap_trim is not None:
-            trims.append(heap_trim)
-        idle = Periodic(IDLE_TRIM_INTERVAL, IdleTrim(self.in_flight, self.run, each_of(trims)).check, reactor)
-        idle.setName("the idle memory trim")
-        idle.setServiceParent(self)
+            heap = HeapTrim(heap_trim, BUSY_GROWTH_LIMIT)
+            trims.append(heap.idle)
+            busy_trim = heap.busy
+        memory_trim = MemoryTrim(self.in_flight, self.run, each_of(trims), busy_trim)
+        trimming = Periodic(TRIM_INTERVAL, memory_trim.check, reactor)
+        trimming.setName("the memory trim")
+        trimming.setServiceParent(self)
         self.ports: list[IListeningPort] = []
         self._prepared = False
         self._previous_sighup: Any = None

@@ -12,6 +12,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import LogLevel
 
-from resticd.memory import IDLE_TRIM_INTERVAL, IdleTrim, each_of, heap_trimmer
+from resticd.memory import TRIM_INTERVAL, HeapTrim, MemoryTrim, each_of, heap_trimmer, resident_size
 from resticd.threads import run_inline
 
 from .daemon import running
@@ -150,7 +151,7 @@ def test_an_idle_daemon_trims_once_after_a_quiet_interval() -> None:
     trims.
     """
     activity, trims = Activity(), Trims()
-    idle = IdleTrim(activity, run_inline, trims)
+    idle = MemoryTrim(activity, run_inline, trims)
     idle.check()
     idle.check()
     assert trims.calls == 0
@@ -188,13 +189,15 @@ def test_an_idle_trim_runs_every_part_and_says_whether_any_released_memory() -> 
     assert calls == ["a", "b", "c", "d"]
 
 
-def test_no_trim_while_a_request_is_in_flight_or_requests_keep_coming() -> None:
+def test_no_idle_trim_while_a_request_is_in_flight_or_requests_keep_coming() -> None:
     """
-    A long request in flight (a big upload) keeps the heap as it is, however
-    long it lasts, and so do requests that start between every two checks.
+    The idle trim waits: a long request in flight (a big upload) keeps it
+    from running, however long it lasts, and so do requests that start
+    between every two checks; with no trim for busy moments, nothing runs
+    meanwhile.
     """
     activity, trims = Activity(), Trims()
-    idle = IdleTrim(activity, run_inline, trims)
+    idle = MemoryTrim(activity, run_inline, trims)
     activity.started_total += 1
     activity.count = 1
     for _ in range(5):
@@ -207,6 +210,126 @@ def test_no_trim_while_a_request_is_in_flight_or_requests_keep_coming() -> None:
     assert trims.calls == 0
     idle.check()
     assert trims.calls == 1
+
+
+def test_while_requests_keep_coming_each_check_runs_the_busy_trim() -> None:
+    """
+    While a request is in flight, or new ones start between every two
+    checks, each check runs the trim for busy moments and not the idle one;
+    the first quiet check then runs the idle trim, once, and neither runs
+    again until requests come back. A daemon that served nothing runs
+    neither.
+    """
+    activity, idle, busy = Activity(), Trims(), Trims()
+    trim = MemoryTrim(activity, run_inline, idle, busy)
+    trim.check()
+    trim.check()
+    assert (idle.calls, busy.calls) == (0, 0)
+    activity.started_total += 1
+    activity.count = 1
+    for _ in range(3):
+        trim.check()
+    assert (idle.calls, busy.calls) == (0, 3)
+    activity.count = 0
+    for _ in range(2):
+        activity.request()
+        trim.check()
+    assert (idle.calls, busy.calls) == (0, 5)
+    trim.check()
+    assert (idle.calls, busy.calls) == (1, 5)
+    trim.check()
+    trim.check()
+    assert (idle.calls, busy.calls) == (1, 5)
+
+
+def test_a_busy_trim_under_way_holds_back_the_next_one_and_the_idle_one() -> None:
+    """
+    While a trim for busy moments still runs in its worker thread, neither
+    the next busy check nor a quiet one starts another trim beside it; once
+    it is done, trims start again (a busy check's, then a quiet check's
+    idle one).
+    """
+    activity, idle, busy = Activity(), Trims(), Trims()
+    pending: list[Deferred[Any]] = []
+    started: list[Any] = []
+
+    def run_later(f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        started.append(f)
+        return d
+
+    trim = MemoryTrim(activity, run_later, idle, busy)
+    activity.request()
+    trim.check()
+    activity.request()
+    trim.check()
+    trim.check()
+    assert len(pending) == 1
+    pending[0].callback(True)
+    activity.request()
+    trim.check()
+    assert len(pending) == 2
+    pending[1].callback(True)
+    trim.check()
+    assert started == [busy, busy, idle]
+
+
+class Resident:
+    """
+    A stand-in for a process's resident size and its heap trim: the trim
+    brings the size down to C{after_trim} and is counted.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.after_trim = size
+        self.trims = 0
+
+    def __call__(self) -> int:
+        return self.size
+
+    def trim(self) -> bool:
+        self.trims += 1
+        self.size = self.after_trim
+        return True
+
+
+def test_the_busy_heap_trim_waits_until_the_daemon_is_much_larger_than_when_idle() -> None:
+    """
+    The heap trim for busy moments trims only while the daemon is more than
+    the limit larger than it was at the start, or after the last idle trim;
+    a busy trim leaves that mark where it is (a burst may still be under way
+    when it runs), an idle trim moves it to what is left afterwards.
+    """
+    resident = Resident(50 * MIB)
+    heap = HeapTrim(resident.trim, 16 * MIB, resident)
+    resident.size = 66 * MIB
+    assert heap.busy() is False and resident.trims == 0
+    resident.size, resident.after_trim = 67 * MIB, 60 * MIB
+    assert heap.busy() is True and resident.trims == 1
+    assert heap.busy() is False and resident.trims == 1
+    resident.size, resident.after_trim = 70 * MIB, 55 * MIB
+    assert heap.busy() is True and resident.trims == 2
+    resident.size, resident.after_trim = 90 * MIB, 75 * MIB
+    assert heap.idle() is True and resident.trims == 3
+    resident.size = 91 * MIB
+    assert heap.busy() is False and resident.trims == 3
+    resident.size = 92 * MIB
+    assert heap.busy() is True and resident.trims == 4
+
+
+def test_resident_size_is_what_the_kernel_reports() -> None:
+    """
+    The daemon's own resident size, read from /proc/self/statm, agrees with
+    the kernel's VmRSS and grows by what the process touches.
+    """
+    reported = status_mib(os.getpid(), "VmRSS")
+    assert abs(resident_size() / MIB - reported) <= 4, (resident_size(), reported)
+    before = resident_size()
+    touched = bytearray(b"x" * (32 * MIB))
+    assert resident_size() - before >= 30 * MIB
+    del touched
 
 
 def test_a_trim_under_way_is_not_started_again() -> None:
@@ -222,7 +345,7 @@ def test_a_trim_under_way_is_not_started_again() -> None:
         pending.append(d)
         return d
 
-    idle = IdleTrim(activity, run_later, trims)
+    idle = MemoryTrim(activity, run_later, trims)
     activity.request()
     idle.check()
     idle.check()
@@ -245,7 +368,7 @@ def test_a_failing_trim_is_logged_and_later_ones_still_run(logged: LogCapture) -
     """
     activity, trims = Activity(), Trims()
     trims.broken = True
-    idle = IdleTrim(activity, run_inline, trims)
+    idle = MemoryTrim(activity, run_inline, trims)
     activity.request()
     idle.check()
     idle.check()
@@ -272,7 +395,7 @@ def test_a_runner_that_refuses_the_trim_is_logged_and_later_trims_still_run(logg
             raise RuntimeError("the worker threads are stopped")
         return run_inline(f, *args)
 
-    idle = IdleTrim(activity, runner, trims)
+    idle = MemoryTrim(activity, runner, trims)
     activity.request()
     idle.check()
     idle.check()
@@ -300,7 +423,7 @@ def test_a_trim_runs_through_the_runner() -> None:
         except Exception:
             return fail()
 
-    idle = IdleTrim(activity, runner, trims)
+    idle = MemoryTrim(activity, runner, trims)
     activity.request()
     idle.check()
     idle.check()
@@ -367,11 +490,63 @@ def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path
             list(pool.map(upload, range(8)))
         after_burst = resident_mib(pid)
         assert after_burst - before >= 10, (before, after_burst)
-        assert wait_for(lambda: resident_mib(pid) - before <= 4, 3 * IDLE_TRIM_INTERVAL), (
+        assert wait_for(lambda: resident_mib(pid) - before <= 4, 3 * TRIM_INTERVAL), (
             before,
             after_burst,
             resident_mib(pid),
         )
+
+
+def test_memory_of_a_burst_of_uploads_goes_back_while_other_requests_keep_coming(tmp_path: Path) -> None:
+    """
+    After a burst of concurrent 8 MiB uploads, a client that never stops
+    asking (HEAD after HEAD, as a server busy around the clock gets) does
+    not keep the burst's memory in the daemon: within a few seconds the
+    resident size is back near what it was before the burst, while the
+    requests still come.
+    """
+    bodies = [os.urandom(8 * MIB) for _ in range(4)]
+    objects = []
+    for i in range(64):
+        body = bodies[i % 4][:-8] + i.to_bytes(8, "big")
+        objects.append((hashlib.sha256(body).hexdigest(), body))
+    with running(tmp_path, tls=False) as daemon:
+        pid = daemon.process.pid
+
+        def conn() -> http.client.HTTPConnection:
+            return http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
+
+        c = conn()
+        c.request("POST", "/r/?create=true")
+        assert c.getresponse().status == 200
+        c.close()
+        before = resident_mib(pid)
+
+        def upload(share: int) -> None:
+            c = conn()
+            for name, body in objects[share::8]:
+                c.request("POST", f"/r/data/{name}", body=body)
+                response = c.getresponse()
+                response.read()
+                assert response.status == 200
+            c.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(upload, range(8)))
+        after_burst = resident_mib(pid)
+        assert after_burst - before >= 10, (before, after_burst)
+        asking = conn()
+        deadline = time.monotonic() + 3 * TRIM_INTERVAL
+        heads = 0
+        while resident_mib(pid) - before > 8 and time.monotonic() < deadline:
+            asking.request("HEAD", f"/r/data/{objects[heads % len(objects)][0]}")
+            response = asking.getresponse()
+            response.read()
+            assert response.status == 200
+            heads += 1
+        asking.close()
+        assert resident_mib(pid) - before <= 8, (before, after_burst, resident_mib(pid), heads)
+        assert heads > 0
 
 
 def peak_resident_mib(pid: int) -> float:
