@@ -14,11 +14,12 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import RESPONSES
 
 from .deadlines import Deadline
 from .errors import PayloadTooLarge, ResticdError
 from .h2 import ResticHTTPChannel
+from .headers import DATE, SERVER, http_date, response_headers
 from .logs import client_host, logger
 from .paths import Target, parse_path
 from .spool import Spool, SpoolFile
@@ -83,22 +84,6 @@ class RequestLimits:
 DEFAULT_LIMITS = RequestLimits()
 
 
-class HTTPDate:
-    """
-    The value of the Date header for a time, formatted once per second.
-    """
-
-    _second = -1
-    _value = b""
-
-    def __call__(self, now: float) -> bytes:
-        second = int(now)
-        if second != self._second:
-            self._second, self._value = second, datetimeToString(second)
-        return self._value
-
-
-http_date = HTTPDate()
 
 
 def request_line(request: server.Request) -> tuple[bytes | None, bytes | None]:
@@ -361,9 +346,9 @@ class SpoolingRequest(server.Request):
         # resticd's resources has one).
         site = self.site = self.channel.site  # type: ignore[attr-defined]
         reactor = getattr(site, "reactor", None)
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"Server", [server.version])
-        headers.setRawHeaders(b"Date", [http_date(reactor.seconds() if reactor is not None else time.time())])
+        headers = response_headers(self)
+        headers[SERVER] = [server.version]
+        headers[DATE] = [http_date(reactor.seconds() if reactor is not None else time.time())]
         self.prepath = []
         self.postpath = [unquote_to_bytes(segment) for segment in self.path[1:].split(b"/")]
         if self.path == b"*":

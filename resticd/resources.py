@@ -19,7 +19,7 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web import server, static
-from twisted.web.http import CACHED, OK, PARTIAL_CONTENT
+from twisted.web.http import OK, PARTIAL_CONTENT
 from twisted.web.resource import IResource
 
 from .access import Access, Policy, Right
@@ -35,6 +35,7 @@ from .errors import (
     error_body,
     render_failure,
 )
+from .headers import ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, not_modified, response_headers
 from .listing import content_type, format_entries, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
@@ -129,7 +130,7 @@ def finish_ok(request: server.Request, body: bytes = b"") -> None:
     if is_gone(request):
         return
     request.setResponseCode(OK)
-    request.setHeader(b"content-length", b"%d" % len(body))
+    response_headers(request)[CONTENT_LENGTH] = [b"%d" % len(body)]
     if body and request.method != b"HEAD":
         request.write(body)
     request.finish()
@@ -393,9 +394,10 @@ class StoredFile(TargetResource):
             st = self._stat()
         except ResticdError as e:
             return error_body(request, e)
-        request.setHeader(b"content-type", OCTET_STREAM)
-        request.setHeader(b"content-length", b"%d" % st.st_size)
-        request.setHeader(b"accept-ranges", b"bytes")
+        headers = response_headers(request)
+        headers[CONTENT_TYPE] = [OCTET_STREAM]
+        headers[CONTENT_LENGTH] = [b"%d" % st.st_size]
+        headers[ACCEPT_RANGES] = [b"bytes"]
         return b""
 
     def _open(self, flags: int = os.O_RDONLY) -> tuple[int, os.stat_result]:
@@ -438,9 +440,10 @@ class StoredFile(TargetResource):
             os.close(fd)
             request.setHeader(b"content-range", b"bytes */%d" % size)
             return error_body(request, RangeNotSatisfiable("range not satisfiable"))
-        request.setHeader(b"accept-ranges", b"bytes")
-        request.setHeader(b"content-type", OCTET_STREAM)
-        if request.setLastModified(st.st_mtime) is CACHED:
+        headers = response_headers(request)
+        headers[ACCEPT_RANGES] = [b"bytes"]
+        headers[CONTENT_TYPE] = [OCTET_STREAM]
+        if not_modified(request, st.st_mtime):
             os.close(fd)
             return b""
         start, length = 0, size
@@ -448,8 +451,8 @@ class StoredFile(TargetResource):
             start, end = wanted
             length = end - start + 1
             request.setResponseCode(PARTIAL_CONTENT)
-            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end, size))
-        request.setHeader(b"content-length", b"%d" % length)
+            headers[CONTENT_RANGE] = [b"bytes %d-%d/%d" % (start, end, size)]
+        headers[CONTENT_LENGTH] = [b"%d" % length]
         whole = wanted is None
         if length <= READ_SIZE:
             try:
