@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 
 from resticd.certs import write_self_signed
-from resticd.h2 import SOCKET_READ_SIZE
+from resticd.h2 import SOCKET_SEND_SIZE
+from tests.web import make_server
 from resticd.tls import BatchingTLSFactory, ReloadingTLS
 from tests.tools import transport_over
 
@@ -236,7 +237,7 @@ def test_a_large_answer_reaches_a_real_socket_intact_when_it_fills(tmp_path: Pat
     factory = BatchingTLSFactory(ReloadingTLS(cert, key), False, Factory.forProtocol(lambda: server))
     reactor = MemoryReactor()
     transport, peer = transport_over(factory.buildProtocol(None), reactor)
-    transport.SEND_LIMIT = SOCKET_READ_SIZE  # as on the site's connections
+    transport.SEND_LIMIT = SOCKET_SEND_SIZE  # as on the site's connections
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
     context = ssl.create_default_context(cafile=cert)
     client = context.wrap_socket(peer, server_hostname="localhost", do_handshake_on_connect=False)
@@ -278,3 +279,25 @@ def test_a_large_answer_reaches_a_real_socket_intact_when_it_fills(tmp_path: Pat
     finally:
         client.close()
         transport.socket.close()
+
+
+def test_site_connections_read_half_a_mib_on_plain_sockets_and_a_mib_under_tls(tmp_path: Path) -> None:
+    """
+    The site's connections over real sockets read half a MiB per system call
+    over plain TCP (what an upload reads there it holds until its piece is
+    written: 1 MiB reads shrunk to what came fragmented the heap) and a MiB
+    under TLS (reads are decrypted and dropped at once); both send up to a
+    MiB per call.
+    """
+    cert, key = write_self_signed(str(tmp_path))
+    site = make_server(str(tmp_path / "data")).site
+    reactor = MemoryReactor()
+    plain, plain_peer = transport_over(site.buildProtocol(None), reactor)
+    under_tls, tls_peer = transport_over(BatchingTLSFactory(ReloadingTLS(cert, key), False, site).buildProtocol(None), reactor)
+    try:
+        assert (plain.bufferSize, plain.SEND_LIMIT) == (512 << 10, 1 << 20)
+        assert (under_tls.bufferSize, under_tls.SEND_LIMIT) == (1 << 20, 1 << 20)
+    finally:
+        for transport, peer in ((plain, plain_peer), (under_tls, tls_peer)):
+            transport.socket.close()
+            peer.close()
