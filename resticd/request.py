@@ -84,8 +84,6 @@ class RequestLimits:
 DEFAULT_LIMITS = RequestLimits()
 
 
-
-
 def request_line(request: server.Request) -> tuple[bytes | None, bytes | None]:
     """
     The method and path of a request whose body has not arrived yet, from

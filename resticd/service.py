@@ -314,7 +314,7 @@ class ResticdService(service.MultiService):
         self.in_flight = InFlight()
         self.site.observers.append(self.in_flight)
         # Once idle: the staging buffers of direct writes, and glibc's heaps;
-        # while busy, the heaps once the daemon has grown much since a trim.
+        # while busy, the heaps when the daemon is much larger than when idle.
         trims = [self.site.spool.direct.release]
         heap_trim = heap_trimmer()
         busy_trim = None

@@ -25,7 +25,7 @@ from twisted.logger import LogLevel
 from resticd.memory import TRIM_INTERVAL, HeapTrim, MemoryTrim, each_of, heap_trimmer, resident_size
 from resticd.threads import run_inline
 
-from .daemon import running
+from .daemon import Daemon, running
 from .logcapture import LogCapture
 from .tools import wait_for
 
@@ -453,6 +453,41 @@ def resident_mib(pid: int) -> float:
     return status_mib(pid, "VmRSS")
 
 
+def burst_of_uploads(daemon: Daemon) -> tuple[float, float, list[str]]:
+    """
+    Create the repository C{/r/} on C{daemon}, then upload 64 objects of
+    8 MiB to it over 8 connections at once: the daemon's resident size in
+    MiB before and after the burst (which grew it by 10 MiB at least), and
+    the objects' names.
+    """
+    bodies = [os.urandom(8 * MIB) for _ in range(4)]
+    objects = []
+    for i in range(64):
+        body = bodies[i % 4][:-8] + i.to_bytes(8, "big")
+        objects.append((hashlib.sha256(body).hexdigest(), body))
+    pid = daemon.process.pid
+    c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
+    c.request("POST", "/r/?create=true")
+    assert c.getresponse().status == 200
+    c.close()
+    before = resident_mib(pid)
+
+    def upload(share: int) -> None:
+        c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
+        for name, body in objects[share::8]:
+            c.request("POST", f"/r/data/{name}", body=body)
+            response = c.getresponse()
+            response.read()
+            assert response.status == 200
+        c.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(upload, range(8)))
+    after_burst = resident_mib(pid)
+    assert after_burst - before >= 10, (before, after_burst)
+    return before, after_burst, [name for name, _ in objects]
+
+
 def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path: Path) -> None:
     """
     A burst of concurrent 8 MiB uploads leaves the allocator holding memory
@@ -460,36 +495,9 @@ def test_memory_of_a_burst_of_uploads_goes_back_once_the_daemon_is_idle(tmp_path
     within a few seconds of the last request it is handed back, and the
     resident size returns to about what it was before the burst.
     """
-    bodies = [os.urandom(8 * MIB) for _ in range(4)]
-    objects = []
-    for i in range(64):
-        body = bodies[i % 4][:-8] + i.to_bytes(8, "big")
-        objects.append((hashlib.sha256(body).hexdigest(), body))
     with running(tmp_path, tls=False) as daemon:
         pid = daemon.process.pid
-
-        def conn() -> http.client.HTTPConnection:
-            return http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
-
-        c = conn()
-        c.request("POST", "/r/?create=true")
-        assert c.getresponse().status == 200
-        c.close()
-        before = resident_mib(pid)
-
-        def upload(share: int) -> None:
-            c = conn()
-            for name, body in objects[share::8]:
-                c.request("POST", f"/r/data/{name}", body=body)
-                response = c.getresponse()
-                response.read()
-                assert response.status == 200
-            c.close()
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(upload, range(8)))
-        after_burst = resident_mib(pid)
-        assert after_burst - before >= 10, (before, after_burst)
+        before, after_burst, _ = burst_of_uploads(daemon)
         assert wait_for(lambda: resident_mib(pid) - before <= 4, 3 * TRIM_INTERVAL), (
             before,
             after_burst,
@@ -505,41 +513,14 @@ def test_memory_of_a_burst_of_uploads_goes_back_while_other_requests_keep_coming
     resident size is back near what it was before the burst, while the
     requests still come.
     """
-    bodies = [os.urandom(8 * MIB) for _ in range(4)]
-    objects = []
-    for i in range(64):
-        body = bodies[i % 4][:-8] + i.to_bytes(8, "big")
-        objects.append((hashlib.sha256(body).hexdigest(), body))
     with running(tmp_path, tls=False) as daemon:
         pid = daemon.process.pid
-
-        def conn() -> http.client.HTTPConnection:
-            return http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
-
-        c = conn()
-        c.request("POST", "/r/?create=true")
-        assert c.getresponse().status == 200
-        c.close()
-        before = resident_mib(pid)
-
-        def upload(share: int) -> None:
-            c = conn()
-            for name, body in objects[share::8]:
-                c.request("POST", f"/r/data/{name}", body=body)
-                response = c.getresponse()
-                response.read()
-                assert response.status == 200
-            c.close()
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(upload, range(8)))
-        after_burst = resident_mib(pid)
-        assert after_burst - before >= 10, (before, after_burst)
-        asking = conn()
+        before, after_burst, names = burst_of_uploads(daemon)
+        asking = http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
         deadline = time.monotonic() + 3 * TRIM_INTERVAL
         heads = 0
         while resident_mib(pid) - before > 8 and time.monotonic() < deadline:
-            asking.request("HEAD", f"/r/data/{objects[heads % len(objects)][0]}")
+            asking.request("HEAD", f"/r/data/{names[heads % len(names)]}")
             response = asking.getresponse()
             response.read()
             assert response.status == 200
