@@ -143,6 +143,23 @@ class Trims:
         return True
 
 
+class HeldRuns:
+    """
+    A runner that runs nothing: it keeps each call's function and a
+    Deferred the test fires when it likes, as a worker still busy would.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+        self.started: list[Any] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        self.started.append(f)
+        return d
+
+
 def test_an_idle_daemon_trims_once_after_a_quiet_interval() -> None:
     """
     After some requests, the first check that finds none in flight and none
@@ -250,16 +267,9 @@ def test_a_busy_trim_under_way_holds_back_the_next_one_and_the_idle_one() -> Non
     idle one).
     """
     activity, idle, busy = Activity(), Trims(), Trims()
-    pending: list[Deferred[Any]] = []
-    started: list[Any] = []
-
-    def run_later(f: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        pending.append(d)
-        started.append(f)
-        return d
-
-    trim = MemoryTrim(activity, run_later, idle, busy)
+    held = HeldRuns()
+    pending, started = held.pending, held.started
+    trim = MemoryTrim(activity, held, idle, busy)
     activity.request()
     trim.check()
     activity.request()
@@ -338,14 +348,9 @@ def test_a_trim_under_way_is_not_started_again() -> None:
     new requests does not start a second one beside it.
     """
     activity, trims = Activity(), Trims()
-    pending: list[Deferred[Any]] = []
-
-    def run_later(f: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        pending.append(d)
-        return d
-
-    idle = MemoryTrim(activity, run_later, trims)
+    held = HeldRuns()
+    pending = held.pending
+    idle = MemoryTrim(activity, held, trims)
     activity.request()
     idle.check()
     idle.check()
