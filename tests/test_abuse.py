@@ -1074,8 +1074,10 @@ def _modes_after_use(daemon: Daemon) -> dict[str, int]:
     assert call(conn, "POST", f"/m/n/data/{sha256_hex(body)}", body)[0] == 200
     sock = raw(daemon)
     sock.sendall(head("POST", f"/m/keys/{'0' * 64}", 2 * MIB) + b"x" * (MIB + 10))  # a piece is written
+    # The mode is set right after the file is made, before its first write.
     assert wait_for(lambda: len(daemon.spool_files()) == 1, 5)
     spool_file = daemon.spool / daemon.spool_files()[0]
+    assert wait_for(lambda: os.stat(spool_file).st_size > 0, 5)
     modes = {"spool file": stat.S_IMODE(os.stat(spool_file).st_mode)}
     sock.close()
     conn.close()
