@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import server, static
 from twisted.web.http import OK, PARTIAL_CONTENT
 from twisted.web.resource import IResource
+from zope.interface import implementer
 
 from .access import Access, Policy, Right
 from .errors import (
@@ -36,7 +38,7 @@ from .errors import (
     render_failure,
 )
 from .headers import ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, not_modified, response_headers
-from .listing import content_type, format_entries, wants_v2
+from .listing import ListingReader, content_type, wants_v2
 from .logs import logger
 from .paths import Target, repo_label, step
 from .ranges import parse_range
@@ -241,6 +243,48 @@ class RepoResource(TargetResource):
         return b""
 
 
+@implementer(IPushProducer)
+class SendRoom:
+    """
+    The producer of an answer written piece by piece: its connection (or
+    HTTP/2 stream) pauses it while the client is behind, so that L{wait}
+    holds the next piece back until the client has caught up.
+    """
+
+    def __init__(self, request: server.Request) -> None:
+        self._request: server.Request | None = request
+        self._room = Gate()
+        request.registerProducer(self, True)
+        # However the answer ends, nothing waits for the client any more.
+        request.notifyFinish().addBoth(lambda result: self._room.open())
+
+    def wait(self) -> Deferred[None]:
+        """
+        Fires once the client has caught up (at once if it has, or if the
+        answer has ended).
+        """
+        return self._room.wait()
+
+    def release(self) -> None:
+        """
+        Stop being the request's producer (before it finishes); safe to
+        call more than once.
+        """
+        request, self._request = self._request, None
+        if request is not None and not is_gone(request):
+            request.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._room.close()
+
+    def resumeProducing(self) -> None:
+        self._room.open()
+
+    def stopProducing(self) -> None:
+        # The client went away: whoever waits finds the request gone.
+        self._room.open()
+
+
 class TypeResource(TargetResource):
     """
     The objects of one type in a repository: C{GET} lists them, its children
@@ -264,29 +308,36 @@ class TypeResource(TargetResource):
 
     async def _stream(self, request: server.Request, v2: bool) -> None:
         """
-        Send the listing one directory at a time, as each is read in the
-        thread pool; stop reading when the client goes away.
+        Send the listing piece by piece as it is read in the thread pool
+        (L{ListingReader}), reading no further while the client is behind
+        (its connection, or HTTP/2 stream, has no room), and none once it
+        has gone away.
         """
         assert self.target.kind is not None
         store = self.ctx.store
-        directories = list(store.list_dirs(self.repo, self.target.kind))
-        started = False
+        reader = ListingReader(store.list_dir, store.list_dirs(self.repo, self.target.kind), v2)
+        room = SendRoom(request)
         first = True
-        for directory in directories:
-            entries = await self.ctx.run(store.list_dir, directory)
-            if is_gone(request):
-                return
-            if not started:
+        try:
+            while not reader.done:
+                piece = await self.ctx.run(reader.read)
+                if is_gone(request):
+                    return
+                if not request.startedWriting:
+                    request.write(b"[")
+                if piece:
+                    request.write(piece if first else b"," + piece)
+                    first = False
+                await room.wait()
+                if is_gone(request):
+                    return
+            if not request.startedWriting:
                 request.write(b"[")
-                started = True
-            piece = format_entries(entries, v2, first)
-            if piece:
-                request.write(piece)
-                first = False
-        if not started:
-            request.write(b"[")
-        request.write(b"]")
-        request.finish()
+            room.release()
+            request.write(b"]")
+            request.finish()
+        finally:
+            room.release()
 
     def _failed(self, failure: Failure, request: server.Request) -> None:
         if is_gone(request):

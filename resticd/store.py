@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .errors import Conflict, Forbidden, NotFound
+from .listing import Entry
 from .paths import HASHED_TYPES, Layout, Repo, Target, data_subdirs, is_inside, is_object_name
 from .spool import SpoolFile
-
-Entry = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -347,22 +346,25 @@ class Store:
         directory, or one that leads outside the root, lists as empty.
         """
         try:
-            scan = os.scandir(self.contained(directory))
-        except (FileNotFoundError, NotADirectoryError, NotFound):
+            fd = self.open_contained(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except NotFound:
             # Missing, or leading out of the root: nothing to list here.
             return []
         entries = []
-        with scan:
-            for entry in scan:
-                if not is_object_name(entry.name):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                entries.append((entry.name, st.st_size))
+        try:
+            # Through the directory's descriptor, each entry is looked up
+            # in it alone, not along the whole path again.
+            with os.scandir(fd) as scan:
+                for entry in scan:
+                    name = entry.name
+                    if not is_object_name(name) or not entry.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        entries.append((name, entry.stat(follow_symlinks=False).st_size))
+                    except FileNotFoundError:
+                        continue
+        finally:
+            os.close(fd)
         return entries
 
     def list_dirs(self, repo: Repo, kind: str) -> Iterator[str]:

@@ -392,8 +392,19 @@ def answered(
     its client (16 KiB frames, as restic's Go client takes, and a window of
     C{window} bytes per stream), the server's transport and its clock.
     """
+    return h2_requests(Site(_Answer(body, piece)), ["/"] * streams, window)
+
+
+def h2_requests(
+    site: Site, paths: list[str], window: int = 1 << 24, headers: list[tuple[str, str]] | None = None
+) -> tuple[ResticH2Connection, H2Connection, StringTransport, Turns]:
+    """
+    A connection to C{site} with a GET of each of C{paths} (with
+    C{headers}), sent at once on streams 1, 3, ...; its client (16 KiB
+    frames, as restic's Go client takes, and a window of C{window} bytes
+    per stream), the server's transport and its clock.
+    """
     clock = Turns()
-    site = Site(_Answer(body, piece))
     server = ResticH2Connection(clock)
     made: Any = server  # what the channel that switches to HTTP/2 sets
     made.site = site
@@ -408,9 +419,9 @@ def answered(
     client.increment_flow_control_window(1 << 28)
     client.receive_data(transport.value())
     transport.clear()
-    for stream in range(streams):
-        request = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "h")]
-        client.send_headers(1 + 2 * stream, request, end_stream=True)
+    for stream, path in enumerate(paths):
+        request = [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "h")]
+        client.send_headers(1 + 2 * stream, request + (headers or []), end_stream=True)
     server.dataReceived(client.data_to_send())
     return server, client, transport, clock
 

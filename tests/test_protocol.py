@@ -19,11 +19,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
+from resticd import listing
+from resticd.listing import ListingReader
 from resticd.resources import StoredFile
 from resticd.threads import run_inline
 
 from .logcapture import LogCapture
 from .test_access import Connection
+from .test_h2 import data_frames, h2_requests
 from .web import V2, Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
@@ -214,8 +217,8 @@ async def test_data_listing_spans_fanout_dirs(repo: Server) -> None:
 
 class HeldListings:
     """
-    A runner that holds directory reads (C{Store.list_dir}) until released
-    and runs everything else at once.
+    A runner that holds the reads of listing pieces (C{ListingReader.read})
+    until released and runs everything else at once.
     """
 
     def __init__(self) -> None:
@@ -223,7 +226,7 @@ class HeldListings:
         self.asked = 0
 
     def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
-        if getattr(f, "__name__", "") != "list_dir":
+        if not isinstance(getattr(f, "__self__", None), ListingReader):
             return run_inline(f, *args)
         d: Deferred[Any] = Deferred()
         self.held.append((d, f, args))
@@ -241,52 +244,112 @@ class HeldListings:
             run_inline(f, *args).chainDeferred(d)
 
 
-def listing_of_data(tmp_path: Any) -> tuple[Server, HeldListings, Connection, list[bytes]]:
+def held_listings_of_data(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Server, HeldListings, list[bytes]]:
     """
-    A server whose directory reads are held, with objects in data/00/ and
-    data/01/, and a connection that has asked for their v2 listing.
+    A server whose listing reads are held, one object per piece, and the
+    objects of its repository /r/, one in each of data/00/, data/01/ and
+    data/02/.
     """
+    monkeypatch.setattr(listing, "PIECE_ENTRIES", 1)
     reads = HeldListings()
     server = make_server(str(tmp_path / "data"), run=reads)
     server.store.create_repo(("r",))
     bodies = []
-    for prefix in ("00", "01"):
+    for prefix in ("00", "01", "02"):
         body = next(b for b in (b"%d" % i for i in range(100_000)) if name_of(b).startswith(prefix))
         bodies.append(body)
         path = stored(server, "r", "data", prefix, name_of(body))
         with open(path, "wb") as f:
             f.write(body)
+    return server, reads, bodies
+
+
+def listing_of_data(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Server, HeldListings, Connection, list[bytes]]:
+    """
+    A server whose listing reads are held, one object per piece, with
+    objects in data/00/, data/01/ and data/02/, and a connection that has
+    asked for their v2 listing.
+    """
+    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
     connection = Connection(server.site)
     connection.send_head("GET", "/r/data/", {"Accept": V2})
-    assert len(reads.held) == 1, "the listing did not start with one directory read"
+    assert len(reads.held) == 1, "the listing did not start with one read"
     return server, reads, connection, bodies
 
 
-def test_a_listing_whose_client_went_away_stops_reading(tmp_path) -> None:
+def test_a_listing_whose_client_went_away_stops_reading(tmp_path, monkeypatch) -> None:
     """
-    When the client of a listing goes away, the directory being read is the
+    When the client of a listing goes away, the piece being read is the
     last one read.
     """
-    server, reads, connection, bodies = listing_of_data(tmp_path)
+    server, reads, connection, bodies = listing_of_data(tmp_path, monkeypatch)
     reads.release()
     connection.protocol.connectionLost(Failure(ConnectionDone("the client went away")))
     reads.release()
     assert reads.held == [] and reads.asked == 2
 
 
-def test_a_listing_that_fails_after_it_began_is_cut_and_logged(tmp_path, logged: LogCapture) -> None:
+def test_a_listing_reads_no_further_while_its_client_is_behind(tmp_path, monkeypatch) -> None:
+    """
+    While the connection cannot send (its buffer full: the client is not
+    reading), a listing reads no next piece; once it can send again, the
+    listing goes on, and the client gets all of it, in order.
+    """
+    server, reads, connection, bodies = listing_of_data(tmp_path, monkeypatch)
+    channel = connection.transport.producer  # told when the socket is full
+    assert channel is not None
+    channel.pauseProducing()
+    reads.release()
+    assert name_of(bodies[0]).encode() in connection.transport.value()
+    assert reads.held == [] and reads.asked == 1, "a piece was read for a client that is behind"
+    channel.resumeProducing()
+    assert reads.asked == 2
+    while reads.held:
+        reads.release()
+    body = connection.transport.value().split(b"\r\n\r\n", 1)[1]
+    sent = b"".join(body.split(b"\r\n")[1::2])  # the chunks' data
+    assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+
+
+def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_up(tmp_path, monkeypatch) -> None:
+    """
+    Over HTTP/2, a listing reads no next piece while the client's window
+    for its stream is used up; once the client opens the window, the
+    listing goes on, and the client gets all of it, in order.
+    """
+    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
+    h2, client, transport, clock = h2_requests(server.site, ["/r/data/"], window=16, headers=[("accept", V2)])
+    reads.release()
+    assert reads.held == [] and reads.asked == 1, "a piece was read for a stream without room"
+    clock.turn()  # sends what the window allows, and stops there
+    received = data_frames(client, transport)
+    assert b"".join(data for _, data in received) == b'[{"name":"' + name_of(bodies[0])[:6].encode()
+    assert reads.asked == 1
+    client.increment_flow_control_window(1 << 20, stream_id=1)
+    h2.dataReceived(client.data_to_send())
+    assert reads.asked == 2
+    for _ in range(10):
+        while reads.held:
+            reads.release()
+        clock.turn()
+        received += data_frames(client, transport)
+    sent = b"".join(data for _, data in received)
+    assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+
+
+def test_a_listing_that_fails_after_it_began_is_cut_and_logged(tmp_path, monkeypatch, logged: LogCapture) -> None:
     """
     A directory that cannot be read once the listing has begun cuts the
     connection (the client sees an incomplete answer, never a short but
     valid listing), reads nothing more and is logged once.
     """
-    server, reads, connection, bodies = listing_of_data(tmp_path)
+    server, reads, connection, bodies = listing_of_data(tmp_path, monkeypatch)
     reads.release()
     assert name_of(bodies[0]).encode() in connection.transport.value(), "the listing had not begun"
     reads.release(OSError(errno.EIO, "Input/output error"))
     assert connection.transport.disconnected, "the connection was not cut"
     assert not connection.transport.value().endswith(b"0\r\n\r\n"), "the answer was ended"
-    assert reads.held == []
+    assert reads.held == [] and reads.asked == 2
     assert logged.texts(LogLevel.critical) == ["listing data of /r/ failed"]
 
 
