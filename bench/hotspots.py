@@ -2,7 +2,7 @@
 """
 Where resticd spends its time on one workload, run by hand::
 
-    .venv/bin/python bench/hotspots.py upload|download|range|head|small [--https] [--with perf|py-spy] [--count N] [--objects N]
+    .venv/bin/python bench/hotspots.py upload|download|range|head|small|list [--https] [--with perf|py-spy] [--count N] [--objects N]
     .venv/bin/python bench/hotspots.py requests [--count N]
     .venv/bin/python bench/hotspots.py h2-receive [--count N]
     .venv/bin/python bench/hotspots.py h2-send [--count N]
@@ -11,7 +11,9 @@ For C{upload}, C{download}, C{range}, C{head} and C{small} (small durable
 uploads, as bench/run.py makes them) it starts one daemon (the
 way bench/run.py does, on a fresh data directory, plain http or https),
 uploads what the workload needs, then drives the workload with 8 concurrent
-clients and prints the throughput and the daemon's CPU time per unit. With
+clients and prints the throughput and the daemon's CPU time per unit
+(C{list} writes small objects straight into a repository and times v2
+listings of them, one client). With
 C{--with perf} (Linux C{perf}) or C{--with py-spy}, that profiler records
 the daemon during the measured part only, and the heaviest functions are
 printed. C{requests} measures and profiles (C{cProfile}) the Python cost of
@@ -38,6 +40,7 @@ import re
 import shutil
 import signal
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402  (bench/run.py: its server, client and workloads)
 
-SERVED = ("upload", "download", "range", "head", "small")
+SERVED = ("upload", "download", "range", "head", "small", "list")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -58,7 +61,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive", "h2-send"))
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
-    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small) or MiB (h2-receive, h2-send); defaults: 128, 128, 20000, 20000, 2000, 10000, 512, 256")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small, list) or MiB (h2-receive, h2-send); defaults: 128, 128, 20000, 20000, 2000, 10000, 50000, 512, 256")
     parser.add_argument("--objects", type=int, default=16,
                         help="8 MiB objects that range and HEAD requests spread over (default 16; bench/run.py uses 128, "
                              "whose page-cache pages are then mostly out of the CPU caches)")
@@ -71,7 +74,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256}
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "list": 50_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256}
+#: Listings measured by the list workload (after one unmeasured).
+LISTINGS = 7
 
 
 def start_recording(profiler: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -169,6 +174,9 @@ def served(args: argparse.Namespace) -> None:
         run.create_repo(server, "r")
         if args.workload == "small":
             run.create_repo(server, "s")
+        if args.workload == "list":
+            listed(args, server, count, root)
+            return
         # Uploads store their own objects; downloads read as many as they
         # fetch; ranges and HEADs spread over --objects.
         stored = {"upload": 0, "small": 0, "download": count}.get(args.workload, args.objects)
@@ -214,6 +222,46 @@ def served(args: argparse.Namespace) -> None:
         if server is not None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def listed(args: argparse.Namespace, server: run.Server, count: int, root: Path) -> None:
+    """
+    The list workload: C{count} small objects written straight into
+    repository /r/'s data directories (as many uploads would leave them),
+    then L{LISTINGS} v2 listings of them, one after another.
+    """
+    small = run.SmallObjects(count)
+    for name, body in zip(small.names, small.bodies):
+        (server.data / "r" / "data" / name[:2] / name).write_bytes(body)
+    expected = {name: len(body) for name, body in zip(small.names, small.bodies)}
+    run.v2_listing(server, "/r/data/")  # directories and inodes into memory
+    out = args.out or root / ("perf.data" if args.profiler == "perf" else "py-spy.txt")
+    recorder = start_recording(args.profiler, server.pid, out) if args.profiler else None
+    totals, firsts, cpus, rss = [], [], [], 0
+    try:
+        for _ in range(LISTINGS):
+            with run.Measure(server) as m:
+                total, first, body, status, ctype = run.v2_listing(server, "/r/data/")
+            problem = run.check_listing(body, status, ctype, expected)
+            if problem:
+                raise SystemExit(f"hotspots.py: the listing is wrong: {problem}")
+            totals.append(total)
+            firsts.append(first)
+            cpus.append(m.cpu or 0.0)
+            rss = max(rss, m.rss or 0)
+    finally:
+        if recorder is not None:
+            stop_recording(recorder)
+    proto = "https" if args.https else "http"
+    print(f"list over {proto}: {count} objects in {statistics.median(totals) * 1000:.0f} ms "
+          f"(all: {', '.join(f'{t * 1000:.0f}' for t in totals)}), first byte after {statistics.median(firsts) * 1000:.1f} ms, "
+          f"daemon CPU {statistics.median(cpus) * 1000:.0f} ms per listing, peak RSS {rss / run.MiB:.0f} MiB")
+    if args.profiler == "perf":
+        print_perf(out, args.top)
+    elif args.profiler == "py-spy":
+        print_py_spy(out, args.top)
+    if args.profiler and args.out:
+        print(f"recording kept in {out}")
 
 
 class InProcess:
