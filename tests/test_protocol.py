@@ -277,6 +277,32 @@ def listing_of_data(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Ser
     return server, reads, connection, bodies
 
 
+def listed(connection: Connection) -> Any:
+    """
+    The listing a connection received: the JSON in the chunks of its
+    (chunked) HTTP/1.1 answer.
+    """
+    body = connection.transport.value().split(b"\r\n\r\n", 1)[1]
+    return json.loads(b"".join(body.split(b"\r\n")[1::2]))
+
+
+def test_a_listing_reads_many_directories_per_call(tmp_path, monkeypatch) -> None:
+    """
+    A listing reads as many directories per call to the worker threads as
+    make about a thousand entries (each call is a hand-off between threads):
+    the three objects of /r/data/, spread over its 256 fan-out directories,
+    take one call.
+    """
+    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
+    monkeypatch.setattr(listing, "PIECE_ENTRIES", 1024)
+    connection = Connection(server.site)
+    connection.send_head("GET", "/r/data/", {"Accept": V2})
+    while reads.held:
+        reads.release()
+    assert reads.asked == 1
+    assert listed(connection) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+
+
 def test_a_listing_whose_client_went_away_stops_reading(tmp_path, monkeypatch) -> None:
     """
     When the client of a listing goes away, the piece being read is the
@@ -306,9 +332,7 @@ def test_a_listing_reads_no_further_while_its_client_is_behind(tmp_path, monkeyp
     assert reads.asked == 2
     while reads.held:
         reads.release()
-    body = connection.transport.value().split(b"\r\n\r\n", 1)[1]
-    sent = b"".join(body.split(b"\r\n")[1::2])  # the chunks' data
-    assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+    assert listed(connection) == [{"name": name_of(b), "size": len(b)} for b in bodies]
 
 
 def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_up(tmp_path, monkeypatch) -> None:
