@@ -154,6 +154,19 @@ def print_py_spy(out: Path, top: int) -> None:
             print(f"{100 * count / total:5.1f}%  {frame}")
 
 
+def print_recording(args: argparse.Namespace, out: Path) -> None:
+    """
+    The heaviest functions of the profiler's recording in C{out}, if one was
+    made, and where it is kept if asked to keep it.
+    """
+    if args.profiler == "perf":
+        print_perf(out, args.top)
+    elif args.profiler == "py-spy":
+        print_py_spy(out, args.top)
+    if args.profiler and args.out:
+        print(f"recording kept in {out}")
+
+
 def served(args: argparse.Namespace) -> None:
     from resticd.certs import write_self_signed
 
@@ -212,12 +225,7 @@ def served(args: argparse.Namespace) -> None:
         else:
             print(f"{args.workload} over {proto}: {count / m.elapsed:.0f} requests/s, "
                   f"daemon CPU {cpu / count * 1e6:.1f} µs/request, peak RSS {(m.rss or 0) / run.MiB:.0f} MiB")
-        if args.profiler == "perf":
-            print_perf(out, args.top)
-        elif args.profiler == "py-spy":
-            print_py_spy(out, args.top)
-        if args.profiler and args.out:
-            print(f"recording kept in {out}")
+        print_recording(args, out)
     finally:
         if server is not None:
             server.stop()
@@ -256,12 +264,7 @@ def listed(args: argparse.Namespace, server: run.Server, count: int, root: Path)
     print(f"list over {proto}: {count} objects in {statistics.median(totals) * 1000:.0f} ms "
           f"(all: {', '.join(f'{t * 1000:.0f}' for t in totals)}), first byte after {statistics.median(firsts) * 1000:.1f} ms, "
           f"daemon CPU {statistics.median(cpus) * 1000:.0f} ms per listing, peak RSS {rss / run.MiB:.0f} MiB")
-    if args.profiler == "perf":
-        print_perf(out, args.top)
-    elif args.profiler == "py-spy":
-        print_py_spy(out, args.top)
-    if args.profiler and args.out:
-        print(f"recording kept in {out}")
+    print_recording(args, out)
 
 
 class InProcess:
