@@ -569,8 +569,9 @@ class ResticHTTPChannel(HTTPChannel):
     line with 431 before closing (Twisted closes without an answer), never
     answering again on a connection that was answered early and is closing
     (L{answered}), writing each response's headers as one string (joined
-    with the body when the body comes at once), and looking up its local
-    address once.
+    with the body when the body comes at once), holding back an answer that
+    starts while the client is behind on earlier ones, and looking up its
+    local address once.
     """
 
     #: An answer was written before the request was complete, and the
@@ -628,6 +629,16 @@ class ResticHTTPChannel(HTTPChannel):
         finally:
             if self.deadline is not None:
                 self.deadline.stop()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        if self._waitingForTransport and self._requestProducer is not None:
+            # An answer that starts while the client is still behind on an
+            # earlier one (pipelined requests) waits too. The transport
+            # tells the channel once that it is full (under TLS, never
+            # again until it has drained), so nothing else would pause it,
+            # and it would be read whole into memory.
+            self._requestProducer.pauseProducing()
 
     def getHost(self) -> Any:
         # Asked for by every request; a TCP transport asks the kernel each

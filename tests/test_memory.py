@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -617,3 +618,67 @@ def test_idle_tls_connections_keep_no_large_buffers(tmp_path: Path) -> None:
         for c in idle:
             c.close()
     assert grown < 16, f"24 idle TLS connections hold {grown:.1f} MiB"
+
+
+def pipelined_answers(data: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The status lines and bodies of the HTTP/1.1 answers in C{data}, one
+    after another, each body as long as its Content-Length.
+    """
+    answers = []
+    while data:
+        head, data = data.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:"))
+        answers.append((lines[0], data[:length]))
+        data = data[length:]
+    return answers
+
+
+def test_pipelined_answers_to_a_tls_client_that_reads_nothing_are_not_gathered(tmp_path: Path) -> None:
+    """
+    A client that sends several GETs at once over TLS (pipelined) and reads
+    nothing makes the daemon hold a few MiB, not the objects it asked for:
+    an answer that starts while the client is behind on the ones before it
+    waits for the client too (a 64 MiB object asked for behind six of a
+    MiB, read whole into memory at once, raised the peak by 64 MiB). Once
+    the client reads, it gets every answer whole and in order.
+    """
+    small = [os.urandom(MIB - 1000) for _ in range(6)]
+    large = os.urandom(64 * MIB)
+    with running(tmp_path) as daemon:
+        pid = daemon.process.pid
+        assert daemon.cert is not None
+        context = ssl.create_default_context(cafile=str(daemon.cert))
+        c = http.client.HTTPSConnection(daemon.host, daemon.port, timeout=30, context=context)
+        c.request("POST", "/r/?create=true")
+        c.getresponse().read()
+        for body in [*small, large]:
+            c.request("POST", f"/r/data/{hashlib.sha256(body).hexdigest()}", body=body)
+            response = c.getresponse()
+            response.read()
+            assert response.status == 200
+        c.close()
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        raw.settimeout(30)
+        raw.connect((daemon.host, daemon.port))
+        with context.wrap_socket(raw, server_hostname="localhost") as client:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")  # the peak starts again from the current size
+            before = peak_resident_mib(pid)
+            client.sendall(
+                b"".join(
+                    b"GET /r/data/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % hashlib.sha256(body).hexdigest().encode()
+                    for body in [*small, large]
+                )
+            )
+            time.sleep(2)  # (reading the large object whole took well under a second)
+            grown = peak_resident_mib(pid) - before
+            received = bytearray()
+            while not received.endswith(large[-64:]):  # the end of the last answer
+                chunk = client.recv(MIB)
+                assert chunk, "the connection ended early"
+                received += chunk
+    assert pipelined_answers(bytes(received)) == [(b"HTTP/1.1 200 OK", body) for body in [*small, large]]
+    assert grown <= 16, f"peak RSS grew by {grown:.1f} MiB while the client read nothing"

@@ -335,6 +335,37 @@ def test_a_listing_reads_no_further_while_its_client_is_behind(tmp_path, monkeyp
     assert listed(connection) == [{"name": name_of(b), "size": len(b)} for b in bodies]
 
 
+def test_a_pipelined_listing_that_starts_while_its_client_is_behind_waits_for_it(tmp_path, monkeypatch) -> None:
+    """
+    A listing asked for behind another request on the same connection
+    (pipelined), which starts while the client is still behind on the
+    earlier answer, reads no next piece until the client catches up: the
+    connection was told once that it cannot send (as under TLS, where it
+    is not told again until the socket drains), and the listing waits all
+    the same. Then the client gets both answers, the listing whole.
+    """
+    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
+    connection = Connection(server.site)
+    channel = connection.transport.producer
+    assert channel is not None
+    channel.pauseProducing()  # the socket is full
+    connection.send(
+        b"HEAD /r/data/%s HTTP/1.1\r\nHost: resticd.test\r\n\r\n" % name_of(bodies[0]).encode()
+        + b"GET /r/data/ HTTP/1.1\r\nHost: resticd.test\r\nAccept: " + V2.encode() + b"\r\n\r\n"
+    )
+    assert connection.transport.value().startswith(b"HTTP/1.1 200 "), "the first request was not answered"
+    reads.release()
+    assert name_of(bodies[0]).encode() in connection.transport.value()
+    assert reads.held == [] and reads.asked == 1, "a piece was read for a client that is behind"
+    channel.resumeProducing()
+    assert reads.asked == 2
+    while reads.held:
+        reads.release()
+    second = connection.transport.value().split(b"HTTP/1.1 ")[2]
+    body = second.split(b"\r\n\r\n", 1)[1]
+    assert json.loads(b"".join(body.split(b"\r\n")[1::2])) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+
+
 def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_up(tmp_path, monkeypatch) -> None:
     """
     Over HTTP/2, a listing reads no next piece while the client's window
