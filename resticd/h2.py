@@ -27,7 +27,10 @@ once per frame), it builds those frames itself around views of the
 response's data (h2 would copy each payload four times), and it keeps each
 stream's queued length instead of summing the queue on every write. A
 stream it resets itself (an answer that cannot be completed) ends its request,
-as a reset by the client does. All this leans on Twisted internals
+as a reset by the client does. An answer's producer is paused once a MiB of
+it waits to be sent, whatever window the client grants (Twisted pauses it
+only at the window's end, so a client that opened it wide and read nothing
+had whole objects read into memory), and resumed as the queue drains. All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
@@ -69,6 +72,10 @@ MAX_FRAME_SIZE = 256 << 10
 STREAM_WINDOW = 4 << 20
 #: All streams of a connection together may have this much in flight.
 CONNECTION_WINDOW = 16 << 20
+#: An answer's producer is paused once this much of it waits to be sent,
+#: however far the client opens its window (a client that opened it wide
+#: and read nothing had whole objects read into memory).
+STREAM_QUEUE = 1 << 20
 #: Bytes read from a client's plain socket per system call. What is read
 #: there is what an upload holds until its piece is written, and a read is
 #: allocated at this size and shrunk to what came: with 1 MiB, the leftover
@@ -372,6 +379,9 @@ class ResticH2Connection(H2Connection):
                     self.priority.block(stream)
                 if self.remainingOutboundWindow(stream) <= 0:
                     self.streams[stream].flowControlBlocked()
+                else:
+                    # Its queue has room again (it may have been full).
+                    self.streams[stream].windowUpdated()
         finally:
             self._write(pieces)
         self._reactor.callLater(0, self._sendPrioritisedData)
@@ -442,8 +452,10 @@ class ResticH2Connection(H2Connection):
         self._outboundStreamQueues[event.stream_id] = queue
 
     def remainingOutboundWindow(self, streamID: int) -> int:
-        # Twisted sums the lengths of everything queued on every write.
-        window: int = self.conn.local_flow_control_window(streamID)
+        # What a stream's producer may still queue: up to the client's
+        # window, and no more than STREAM_QUEUE. (Twisted sums the lengths
+        # of everything queued on every write.)
+        window: int = min(self.conn.local_flow_control_window(streamID), STREAM_QUEUE)
         queued: int = self._outboundStreamQueues[streamID].size
         return window - queued
 

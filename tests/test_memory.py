@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, StreamEnded
+from h2.settings import SettingCodes
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import LogLevel
 
@@ -681,4 +685,64 @@ def test_pipelined_answers_to_a_tls_client_that_reads_nothing_are_not_gathered(t
                 assert chunk, "the connection ended early"
                 received += chunk
     assert pipelined_answers(bytes(received)) == [(b"HTTP/1.1 200 OK", body) for body in [*small, large]]
+    assert grown <= 16, f"peak RSS grew by {grown:.1f} MiB while the client read nothing"
+
+
+def test_an_http2_client_that_opens_its_windows_wide_and_reads_nothing_is_not_sent_ahead(tmp_path: Path) -> None:
+    """
+    An HTTP/2 client that opens its flow-control windows as wide as HTTP/2
+    allows, asks for a 32 MiB object on four streams and reads nothing
+    makes the daemon hold a few MiB, not the objects: each answer is read
+    no further than a MiB ahead of what the connection sends (the four
+    answers, read whole into memory, raised the peak by 128 MiB). Once the
+    client reads, every stream gets the whole object.
+    """
+    body = os.urandom(32 * MIB)
+    name = hashlib.sha256(body).hexdigest()
+    streams = [1, 3, 5, 7]
+    with running(tmp_path) as daemon:
+        pid = daemon.process.pid
+        assert daemon.cert is not None
+        context = ssl.create_default_context(cafile=str(daemon.cert))
+        c = http.client.HTTPSConnection(daemon.host, daemon.port, timeout=30, context=context)
+        c.request("POST", "/r/?create=true")
+        c.getresponse().read()
+        c.request("POST", f"/r/data/{name}", body=body)
+        response = c.getresponse()
+        response.read()
+        assert response.status == 200
+        c.close()
+        context.set_alpn_protocols(["h2"])
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        raw.settimeout(30)
+        raw.connect((daemon.host, daemon.port))
+        with context.wrap_socket(raw, server_hostname="localhost") as client:
+            assert client.selected_alpn_protocol() == "h2"
+            h2 = H2Connection(H2Configuration(client_side=True))
+            h2.initiate_connection()
+            h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
+            h2.increment_flow_control_window((1 << 31) - 1 - h2.outbound_flow_control_window)
+            for stream in streams:
+                request = [(":method", "GET"), (":path", f"/r/data/{name}"), (":scheme", "https"), (":authority", "localhost")]
+                h2.send_headers(stream, request, end_stream=True)
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")  # the peak starts again from the current size
+            before = peak_resident_mib(pid)
+            client.sendall(h2.data_to_send())
+            time.sleep(2)  # (reading the objects whole took well under a second)
+            grown = peak_resident_mib(pid) - before
+            received: dict[int, bytearray] = {stream: bytearray() for stream in streams}
+            ended: set[int] = set()
+            while ended != set(streams):
+                data = client.recv(MIB)
+                assert data, "the connection ended early"
+                for event in h2.receive_data(data):
+                    if isinstance(event, DataReceived):
+                        received[event.stream_id] += event.data
+                        h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, StreamEnded):
+                        ended.add(event.stream_id)
+                client.sendall(h2.data_to_send())
+    assert all(bytes(data) == body for data in received.values())
     assert grown <= 16, f"peak RSS grew by {grown:.1f} MiB while the client read nothing"

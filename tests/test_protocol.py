@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from resticd import listing
+from resticd import h2, listing
 from resticd.listing import ListingReader
 from resticd.resources import StoredFile
 from resticd.threads import run_inline
@@ -383,6 +383,36 @@ def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_
     client.increment_flow_control_window(1 << 20, stream_id=1)
     h2.dataReceived(client.data_to_send())
     assert reads.asked == 2
+    for _ in range(10):
+        while reads.held:
+            reads.release()
+        clock.turn()
+        received += data_frames(client, transport)
+    sent = b"".join(data for _, data in received)
+    assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+
+
+def test_a_listing_over_http2_queues_no_more_than_its_stream_may_hold_however_wide_the_window(
+    tmp_path, monkeypatch
+) -> None:
+    """
+    Over HTTP/2, a listing whose client opened its window wide but takes
+    nothing (the connection cannot send) reads no next piece once
+    C{STREAM_QUEUE} bytes of it wait to be sent (here 100 bytes: a piece
+    and a half); once they are sent, it goes on, and the client gets all
+    of it, in order.
+    """
+    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
+    monkeypatch.setattr(h2, "STREAM_QUEUE", 100)
+    connection, client, transport, clock = h2_requests(server.site, ["/r/data/"], window=(1 << 31) - 1, headers=[("accept", V2)])
+    connection.pauseProducing()  # its transport is full: the client reads nothing
+    reads.release()
+    assert reads.asked == 2, "a piece and a half may wait to be sent: the second piece is read"
+    reads.release()
+    assert reads.held == [] and reads.asked == 2, "a piece was read for a stream whose queue is full"
+    connection.resumeProducing()  # the send loop goes on: both pieces are sent
+    assert reads.asked == 3
+    received = data_frames(client, transport)
     for _ in range(10):
         while reads.held:
             reads.release()
