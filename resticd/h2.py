@@ -28,9 +28,10 @@ response's data (h2 would copy each payload four times), and it keeps each
 stream's queued length instead of summing the queue on every write. A
 stream it resets itself (an answer that cannot be completed) ends its request,
 as a reset by the client does. An answer's producer is paused once a MiB of
-it waits to be sent, whatever window the client grants (Twisted pauses it
-only at the window's end, so a client that opened it wide and read nothing
-had whole objects read into memory), and resumed as the queue drains. All this leans on Twisted internals
+it waits to be sent, or its share of 4 MiB among the answers the connection
+is producing, whatever window the client grants (Twisted pauses it only at
+the window's end, so a client that opened it wide and read nothing had
+whole objects read into memory), and resumed as its queue drains. All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
@@ -74,8 +75,11 @@ STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 #: An answer's producer is paused once this much of it waits to be sent,
 #: however far the client opens its window (a client that opened it wide
-#: and read nothing had whole objects read into memory).
+#: and read nothing had whole objects read into memory)...
 STREAM_QUEUE = 1 << 20
+#: ... or once its share of this much does, shared among the answers of a
+#: connection being produced (each may go one read past its share).
+CONNECTION_QUEUE = 4 << 20
 #: Bytes read from a client's plain socket per system call. What is read
 #: there is what an upload holds until its piece is written, and a read is
 #: allocated at this size and shrunk to what came: with 1 MiB, the leftover
@@ -453,9 +457,12 @@ class ResticH2Connection(H2Connection):
 
     def remainingOutboundWindow(self, streamID: int) -> int:
         # What a stream's producer may still queue: up to the client's
-        # window, and no more than STREAM_QUEUE. (Twisted sums the lengths
-        # of everything queued on every write.)
-        window: int = min(self.conn.local_flow_control_window(streamID), STREAM_QUEUE)
+        # window, and no more than STREAM_QUEUE or its share of
+        # CONNECTION_QUEUE. (Twisted sums the lengths of everything queued
+        # on every write.)
+        producing = sum(1 for stream in self.streams.values() if stream.producer is not None)
+        room = min(STREAM_QUEUE, CONNECTION_QUEUE // max(producing, 1))
+        window: int = min(self.conn.local_flow_control_window(streamID), room)
         queued: int = self._outboundStreamQueues[streamID].size
         return window - queued
 

@@ -422,6 +422,34 @@ def test_a_listing_over_http2_queues_no_more_than_its_stream_may_hold_however_wi
     assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
 
 
+def test_answers_on_one_http2_connection_share_what_it_may_queue(tmp_path, monkeypatch) -> None:
+    """
+    Answers produced at once on one HTTP/2 connection share what it may
+    queue: with C{CONNECTION_QUEUE} 200 bytes, two listings whose client
+    reads nothing each read no further once 100 bytes of theirs wait (a
+    piece and a half), where one alone would have read on; once the
+    connection can send, both go on, and the client gets both whole.
+    """
+    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
+    monkeypatch.setattr(h2, "CONNECTION_QUEUE", 200)
+    paths = ["/r/data/", "/r/data/"]
+    connection, client, transport, clock = h2_requests(server.site, paths, window=(1 << 31) - 1, headers=[("accept", V2)])
+    connection.pauseProducing()  # its transport is full: the client reads nothing
+    while reads.held:
+        reads.release()
+    assert reads.asked == 4, "each listing reads two pieces, and no third"
+    connection.resumeProducing()
+    received = data_frames(client, transport)
+    for _ in range(10):
+        while reads.held:
+            reads.release()
+        clock.turn()
+        received += data_frames(client, transport)
+    expected = [{"name": name_of(b), "size": len(b)} for b in bodies]
+    for stream in (1, 3):
+        assert json.loads(b"".join(data for s, data in received if s == stream)) == expected
+
+
 def test_a_listing_that_fails_after_it_began_is_cut_and_logged(tmp_path, monkeypatch, logged: LogCapture) -> None:
     """
     A directory that cannot be read once the listing has begun cuts the
