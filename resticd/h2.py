@@ -588,9 +588,9 @@ class ResticHTTPChannel(HTTPChannel):
     line with 431 before closing (Twisted closes without an answer), never
     answering again on a connection that was answered early and is closing
     (L{answered}), writing each response's headers as one string (joined
-    with the body when the body comes at once), holding back an answer that
-    starts while the client is behind on earlier ones, and looking up its
-    local address once.
+    with the body when the body comes at once), starting no pipelined
+    request while the client is behind on the answers before it, and
+    looking up its local address once.
     """
 
     #: An answer was written before the request was complete, and the
@@ -649,15 +649,24 @@ class ResticHTTPChannel(HTTPChannel):
             if self.deadline is not None:
                 self.deadline.stop()
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        super().registerProducer(producer, streaming)
-        if self._waitingForTransport and self._requestProducer is not None:
-            # An answer that starts while the client is still behind on an
-            # earlier one (pipelined requests) waits too. The transport
-            # tells the channel once that it is full (under TLS, never
-            # again until it has drained), so nothing else would pause it,
-            # and it would be read whole into memory.
-            self._requestProducer.pauseProducing()
+    def requestDone(self, request: Any) -> None:
+        # Twisted goes on to the requests that came pipelined behind this
+        # one at once, even while the client is behind on the answers so
+        # far: answers written at once piled up in memory (200 pipelined
+        # GETs of a MiB, read by nobody, took 200 MiB), and one sent by a
+        # producer was never paused under TLS, where the transport says only
+        # once that it is full. They wait until the client has caught up:
+        # the line parser stops, keeping what it has not parsed.
+        if self._waitingForTransport and self.persistent:
+            self.paused = True
+        super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self.paused:
+            # The client has caught up: on to the requests that waited.
+            self.paused = False
+            self.dataReceived(b"")
 
     def getHost(self) -> Any:
         # Asked for by every request; a TCP transport asks the kernel each

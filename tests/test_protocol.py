@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from resticd import h2, listing
+from resticd import h2, listing, resources
 from resticd.listing import ListingReader
 from resticd.resources import StoredFile
 from resticd.threads import run_inline
@@ -27,7 +27,7 @@ from resticd.threads import run_inline
 from .logcapture import LogCapture
 from .test_access import Connection
 from .test_h2 import data_frames, h2_requests
-from .web import V2, Server, make_server, name_of
+from .web import V2, HeldWrites, Server, make_server, name_of
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -335,35 +335,56 @@ def test_a_listing_reads_no_further_while_its_client_is_behind(tmp_path, monkeyp
     assert listed(connection) == [{"name": name_of(b), "size": len(b)} for b in bodies]
 
 
-def test_a_pipelined_listing_that_starts_while_its_client_is_behind_waits_for_it(tmp_path, monkeypatch) -> None:
+class FullAfterFirstAnswer(StringTransport):
     """
-    A listing asked for behind another request on the same connection
-    (pipelined), which starts while the client is still behind on the
-    earlier answer, reads no next piece until the client catches up: the
-    connection was told once that it cannot send (as under TLS, where it
-    is not told again until the socket drains), and the listing waits all
-    the same. Then the client gets both answers, the listing whole.
+    A transport whose socket is full once the first answer is written: it
+    tells its producer so once, as a socket under TLS does.
     """
-    server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
-    connection = Connection(server.site)
-    channel = connection.transport.producer
+
+    told = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if not self.told and self.producer is not None:
+            self.told = True
+            self.producer.pauseProducing()
+
+
+@pytest.mark.parametrize("read", ["at once", "by a worker"])
+def test_pipelined_requests_wait_while_the_client_is_behind(tmp_path, monkeypatch, read: str) -> None:
+    """
+    Requests sent pipelined behind one whose answer the client has not
+    taken yet (its connection is full) wait, unanswered, however small
+    their answers: answers written at once would otherwise pile up in
+    memory. Once the client catches up, they are answered, in order. So
+    whether the answer before them was written at once or after a worker
+    read the object (the requests behind it then arrive while it is
+    under way).
+    """
+    runner = HeldWrites()
+    server = make_server(str(tmp_path / "data"), run=runner)
+    if read == "by a worker":
+        monkeypatch.setattr(resources, "read_cached", lambda fd, length, offset: None)
+    server.store.create_repo(("r",))
+    bodies = [b"first", b"second", b"third"]
+    for body in bodies:
+        name = name_of(body)
+        with open(stored(server, "r", "data", name[:2], name), "wb") as f:
+            f.write(body)
+    transport = FullAfterFirstAnswer(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = server.site.buildProtocol(transport.getPeer())
     assert channel is not None
-    channel.pauseProducing()  # the socket is full
-    connection.send(
-        b"HEAD /r/data/%s HTTP/1.1\r\nHost: resticd.test\r\n\r\n" % name_of(bodies[0]).encode()
-        + b"GET /r/data/ HTTP/1.1\r\nHost: resticd.test\r\nAccept: " + V2.encode() + b"\r\n\r\n"
-    )
-    assert connection.transport.value().startswith(b"HTTP/1.1 200 "), "the first request was not answered"
-    reads.release()
-    assert name_of(bodies[0]).encode() in connection.transport.value()
-    assert reads.held == [] and reads.asked == 1, "a piece was read for a client that is behind"
-    channel.resumeProducing()
-    assert reads.asked == 2
-    while reads.held:
-        reads.release()
-    second = connection.transport.value().split(b"HTTP/1.1 ")[2]
-    body = second.split(b"\r\n\r\n", 1)[1]
-    assert json.loads(b"".join(body.split(b"\r\n")[1::2])) == [{"name": name_of(b), "size": len(b)} for b in bodies]
+    channel.makeConnection(transport)
+    channel.dataReceived(b"".join(b"GET /r/data/%s HTTP/1.1\r\nHost: h\r\n\r\n" % name_of(b).encode() for b in bodies))
+    runner.release_all()
+    assert transport.value().count(b"HTTP/1.1 200 ") == 1 and transport.value().endswith(b"first")
+    assert transport.producer is not None
+    transport.producer.resumeProducing()  # the client caught up
+    for _ in bodies:
+        runner.release_all()
+    answers = transport.value().split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert [answer.split(b"\r\n\r\n", 1)[1] for answer in answers] == bodies
+    channel.connectionLost(Failure(ConnectionDone()))
 
 
 def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_up(tmp_path, monkeypatch) -> None:
