@@ -31,7 +31,10 @@ as a reset by the client does. An answer's producer is paused once a MiB of
 it waits to be sent, or its share of 4 MiB among the answers the connection
 is producing, whatever window the client grants (Twisted pauses it only at
 the window's end, so a client that opened it wide and read nothing had
-whole objects read into memory), and resumed as its queue drains. All this leans on Twisted internals
+whole objects read into memory), and resumed as its queue drains; an
+answer read whole and written at once is so only while it fits in those
+4 MiB (L{reserve}). A client may have 32 requests at once on a connection
+(h2's default is 100). All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
@@ -52,7 +55,7 @@ import priority
 from h2.connection import ConnectionState
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
@@ -80,6 +83,10 @@ STREAM_QUEUE = 1 << 20
 #: ... or once its share of this much does, shared among the answers of a
 #: connection being produced (each may go one read past its share).
 CONNECTION_QUEUE = 4 << 20
+#: Requests a client may have in flight on one connection (h2's default is
+#: 100; restic runs 5 at once, and Go's client opens another connection
+#: for more): each may hold up to a MiB of its answer.
+MAX_STREAMS = 32
 #: Bytes read from a client's plain socket per system call. What is read
 #: there is what an upload holds until its piece is written, and a read is
 #: allocated at this size and shrunk to what came: with 1 MiB, the leftover
@@ -262,11 +269,21 @@ class _QuietConnection(h2.connection.H2Connection):
     h2's connection state machine, without the cost of formatting each
     received DATA frame for a trace log nobody reads (h2 formats every
     received frame with repr(), and a DATA frame's repr hex-encodes its
-    whole payload), and receiving through L{_FrameBuffer}.
+    whole payload), receiving through L{_FrameBuffer}, and allowing
+    L{MAX_STREAMS} streams at once from the start (h2 enforces its 100 from
+    the start, and a new limit only once the client acknowledges it, which
+    a client that reads nothing never does).
     """
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
+        self.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
+        )
         self._frame_dispatch_table[_QuietDataFrame] = self._frame_dispatch_table[DataFrame]
         self.incoming_buffer = _FrameBuffer(lambda: self.max_inbound_frame_size)
 
@@ -455,6 +472,17 @@ class ResticH2Connection(H2Connection):
             queue.append(item)
         self._outboundStreamQueues[event.stream_id] = queue
 
+    #: Bytes of answers being read to be queued whole (see L{reserve}).
+    reserved = 0
+
+    def queued(self) -> int:
+        """
+        The bytes of answers waiting to be sent, on all streams, and of
+        those being read to be.
+        """
+        queues: dict[int, _SizedQueue] = self._outboundStreamQueues
+        return self.reserved + sum(queue.size for queue in queues.values())
+
     def remainingOutboundWindow(self, streamID: int) -> int:
         # What a stream's producer may still queue: up to the client's
         # window, and no more than STREAM_QUEUE or its share of
@@ -472,6 +500,35 @@ class ResticH2Connection(H2Connection):
         if sleeping is not None:
             self._sendingDeferred = None
             sleeping.callback(None)
+
+
+def _room_kept() -> None:
+    pass
+
+
+def reserve(channel: Any, length: int) -> Callable[[], None] | None:
+    """
+    Room for an answer of C{length} bytes to be read and queued whole on
+    C{channel} (a request's): a function to call once it is queued (or
+    will not be), or L{None} when there is none. Over HTTP/2 there is room
+    while the connection's answers waiting to be sent, and those being
+    read to be, stay within L{CONNECTION_QUEUE}; an answer that finds none
+    goes through a producer, which waits its turn. Over HTTP/1.1 there
+    always is (the next request waits for the client to take this answer).
+    """
+    conn = getattr(channel, "_conn", None)
+    if not isinstance(conn, ResticH2Connection):
+        return _room_kept
+    if conn.queued() + length > CONNECTION_QUEUE:
+        return None
+    conn.reserved += length
+
+    def release() -> None:
+        nonlocal length
+        conn.reserved -= length
+        length = 0
+
+    return release
 
 
 class ResticChannel(_GenericHTTPChannelProtocol):

@@ -37,6 +37,7 @@ from .errors import (
     error_body,
     render_failure,
 )
+from .h2 import reserve
 from .headers import ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, not_modified, response_headers
 from .listing import ListingReader, content_type, wants_v2
 from .logs import logger
@@ -404,6 +405,11 @@ class ExactReads:
         self._file.close()
 
 
+def _released(result: Any, release: Callable[[], None]) -> Any:
+    release()
+    return result
+
+
 def _abandoned(failure: Failure, request: server.Request, producer: Any) -> None:
     producer.stopProducing()
     if request.channel is not None:
@@ -505,18 +511,23 @@ class StoredFile(TargetResource):
             headers[CONTENT_RANGE] = [b"bytes %d-%d/%d" % (start, end, size)]
         headers[CONTENT_LENGTH] = [b"%d" % length]
         whole = wanted is None
-        if length <= READ_SIZE:
+        # A small answer is read whole and queued at once, where there is
+        # room for it (over HTTP/2, see resticd.h2.reserve).
+        release = reserve(request.channel, length) if length <= READ_SIZE else None
+        if release is not None:
             try:
                 data = read_cached(fd, length, start)
             except OSError:
+                release()
                 os.close(fd)
                 raise
             if data is None:
                 # Not (all) in the page cache: a worker waits for the disk.
-                self.ctx.run(pread_closing, fd, length, start).addCallbacks(
-                    self._answer, self._failed, (request, length), errbackArgs=(request,)
-                )
+                read = self.ctx.run(pread_closing, fd, length, start)
+                read.addBoth(_released, release)
+                read.addCallbacks(self._answer, self._failed, (request, length), errbackArgs=(request,))
                 return server.NOT_DONE_YET
+            release()
             os.close(fd)
             if hasattr(request.channel, "_conn"):
                 return bytes(data)  # HTTP/2 queues what it is given

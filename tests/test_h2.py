@@ -14,7 +14,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, Event
 from h2.exceptions import FrameTooLargeError, ProtocolError, StreamClosedError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 from hypothesis import given, settings
 from twisted.internet.error import ConnectionDone
@@ -25,7 +25,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from hypothesis import strategies as st
 
-from resticd.h2 import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, ResticH2Connection, announce_settings
+from resticd.h2 import (
+    CONNECTION_WINDOW,
+    MAX_FRAME_SIZE,
+    MAX_STREAMS,
+    STREAM_WINDOW,
+    ResticH2Connection,
+    announce_settings,
+    reserve,
+)
 
 
 def opened_stream(server: H2Connection) -> H2Connection:
@@ -183,7 +191,16 @@ def test_received_frames_are_what_h2_makes_of_them_however_the_bytes_arrive(wire
     refuses larger frames that come in the same read, see below.)
     """
     ours = configured(ResticH2Connection().conn)
-    theirs = configured(H2Connection(H2Configuration(client_side=False, header_encoding=None)))
+    theirs = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    # (resticd allows fewer streams at once than h2: see the test of that)
+    theirs.local_settings = Settings(
+        client=False,
+        initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: theirs.DEFAULT_MAX_HEADER_LIST_SIZE,
+        },
+    )
+    theirs = configured(theirs)
     cuts = list(itertools.accumulate(reads))
     ack = wire.find(SETTINGS_ACK)
     seen = []
@@ -348,6 +365,69 @@ def test_a_new_connection_offers_large_frames_and_windows() -> None:
     assert client.local_flow_control_window(1) == STREAM_WINDOW == 4 << 20
     assert client.outbound_flow_control_window == CONNECTION_WINDOW == 16 << 20
     channel.connectionLost(Failure(ConnectionDone()))
+
+
+def test_answers_read_whole_share_the_connections_room() -> None:
+    """
+    Over HTTP/2, answers read whole to be queued at once take room from
+    the connection's 4 MiB until given back (once, however often): one that
+    would go past it gets none (and goes through a producer). Over HTTP/1.1
+    there is always room.
+    """
+    connection = ResticH2Connection(MemoryReactorClock())
+
+    class Stream:
+        _conn = connection
+
+    first = reserve(Stream(), 3 << 20)
+    assert first is not None
+    assert reserve(Stream(), 2 << 20) is None
+    small = reserve(Stream(), 1 << 20)
+    assert small is not None
+    first()
+    first()
+    assert connection.queued() == 1 << 20
+    assert reserve(Stream(), 3 << 20) is not None
+    assert reserve(object(), 1 << 30) is not None
+
+
+@pytest.mark.parametrize("asked", [32, 33])
+def test_a_client_may_have_32_requests_at_once_on_a_connection(asked: int) -> None:
+    """
+    A new connection lets the client have 32 requests in flight at once
+    (h2's default is 100, and each may hold up to a MiB of its answer),
+    from its very first requests: 32 sent at once, before the client has
+    even read the server's settings, are all answered; a 33rd ends the
+    connection with a protocol error.
+    """
+    clock = Turns()
+    server = ResticH2Connection(clock)
+    made: Any = server  # what the channel that switches to HTTP/2 sets
+    made.site = Site(_Answer(b"answer", 6))
+    made.requestFactory = Request
+    made.factory = None
+    transport = StringTransport()
+    server.makeConnection(transport)
+    preamble = transport.value()
+    announced = H2Connection(H2Configuration(client_side=True))
+    announced.receive_data(preamble)
+    assert announced.remote_settings.max_concurrent_streams == 32
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    request = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "h")]
+    for stream in range(asked):
+        client.send_headers(1 + 2 * stream, request, end_stream=True)
+    server.dataReceived(client.data_to_send())
+    for _ in range(10):
+        clock.turn()
+    sent = frames(transport.value()[len(preamble) :])
+    goaway = [f.error_code for f in sent if isinstance(f, GoAwayFrame)]
+    if asked == 32:
+        assert goaway == [] and not transport.disconnecting
+        assert sum(1 for f in sent if isinstance(f, DataFrame) and f.data == b"answer") == 32
+        server.connectionLost(Failure(ConnectionDone()))
+    else:
+        assert goaway == [ErrorCodes.PROTOCOL_ERROR] and transport.disconnecting
 
 
 class _Answer(Resource):
