@@ -62,7 +62,9 @@ OBJECT_SIZE = 8 * MiB
 V2 = "application/vnd.x.restic.rest.v2"
 CLIENTS = 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-WORKLOADS = ("upload", "download", "cold", "range", "head", "small", "fsync", "restic")
+WORKLOADS = ("upload", "download", "cold", "range", "head", "stalled", "small", "fsync", "restic")
+#: The workloads that use the 8 MiB objects (uploaded, untimed, when upload is not run).
+NEEDS_OBJECTS = {"upload", "download", "cold", "range", "head", "stalled"}
 SERVERS = ("resticd", "rclone")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -852,6 +854,118 @@ def wl_head(server: Server, objects: BigObjects, available: int, count: int, see
     return run_clients(server, items, work)
 
 
+#: How long a stalled client reads nothing before its peak is taken.
+STALL = 2.0
+#: Objects a stalled client asks for at once: pipelined over HTTP/1.1, on
+#: as many streams over HTTP/2.
+STALLED_ASKS = 24
+
+
+def stalled_socket(server: Server, alpn: str) -> socket.socket:
+    """
+    A connection to C{server} that holds little of what it is sent unread
+    (a 64 KiB receive buffer), under TLS with C{alpn} over https.
+    """
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    raw.settimeout(60)
+    raw.connect(("127.0.0.1", server.port))
+    if server.proto != "https":
+        return raw
+    context = ssl.create_default_context(cafile=str(server.cert))
+    context.set_alpn_protocols([alpn])
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def stalled_growth(server: Server, conn: socket.socket, asking: bytes) -> int:
+    """
+    Send C{asking} on C{conn}, read nothing for L{STALL} seconds: how much
+    the server's peak resident size grew meanwhile, in bytes.
+    """
+    server.reset_peak()
+    before = (proc_status_kib(server.pid, "VmRSS") or 0) * KiB
+    conn.sendall(asking)
+    time.sleep(STALL)
+    return max(0, (server.peak_rss() or 0) - before)
+
+
+def wl_stalled_pipelined(server: Server, objects: BigObjects, available: int) -> tuple[int, str | None]:
+    """
+    A client that pipelines GETs of every MiB of L{STALLED_ASKS} objects
+    (ranges, each small enough to be answered at once) over HTTP/1.1 and
+    reads nothing for a while: the server's peak growth meanwhile, and what
+    was wrong with the answers once read (or None).
+    """
+    asks = [(i, offset) for i in range(min(STALLED_ASKS, available)) for offset in range(0, OBJECT_SIZE, MiB)]
+    with stalled_socket(server, "http/1.1") as conn:
+        asking = b"".join(
+            b"GET /r/data/%s HTTP/1.1\r\nHost: localhost\r\nRange: bytes=%d-%d\r\n\r\n"
+            % (objects.names[i].encode(), offset, offset + MiB - 1)
+            for i, offset in asks
+        )
+        growth = stalled_growth(server, conn, asking)
+        reader = conn.makefile("rb")
+        for i, offset in asks:
+            status = reader.readline()
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = reader.read(length)
+            if not status.startswith(b"HTTP/1.1 206 ") or body != objects.content(i)[offset : offset + MiB]:
+                return growth, f"object {i} at {offset}: {status.strip()!r}, {len(body)} bytes, content differs"
+    return growth, None
+
+
+def wl_stalled_h2(server: Server, objects: BigObjects, available: int) -> tuple[int, str | None]:
+    """
+    An HTTP/2 client that opens its windows as wide as HTTP/2 allows, asks
+    for L{STALLED_ASKS} objects on as many streams and reads nothing for a
+    while: the server's peak growth meanwhile, and what was wrong with the
+    answers once read (or None).
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    count = min(STALLED_ASKS, available)
+    with stalled_socket(server, "h2") as conn:
+        if getattr(conn, "selected_alpn_protocol", lambda: None)() != "h2":
+            return 0, "the server did not negotiate h2"
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
+        client.increment_flow_control_window((1 << 31) - 1 - client.outbound_flow_control_window)
+        streams = {}
+        for i in range(count):
+            stream = client.get_next_available_stream_id()
+            path = f"/r/data/{objects.names[i]}"
+            client.send_headers(stream, [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "localhost")], end_stream=True)
+            streams[stream] = i
+        growth = stalled_growth(server, conn, client.data_to_send())
+        received: dict[int, list[bytes]] = {stream: [] for stream in streams}
+        ended: set[int] = set()
+        while len(ended) < count:
+            data = conn.recv(MiB)
+            if not data:
+                return growth, f"the connection ended after {len(ended)} of {count} answers"
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received[event.stream_id].append(event.data)
+                    client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    return growth, f"the server ended a stream or the connection: {event}"
+            conn.sendall(client.data_to_send())
+        for stream, i in streams.items():
+            if b"".join(received[stream]) != objects.content(i):
+                return growth, f"stream {stream}: content differs"
+    return growth, None
+
+
 def wl_small(server: Server, small: SmallObjects) -> tuple[Measure, Errors, int]:
     def work(client: Client, i: int, errors: Errors) -> None:
         path = f"/s/data/{small.names[i]}"
@@ -1211,7 +1325,7 @@ def server_round(ctx: Context, kind: str, proto: str, rnd: int) -> None:
         server.start()
         ctx.samples.append(Sample("startup", kind, proto, rnd, server.startup))
         say(f"{label} serving {server.url} (first answer after {server.startup * 1000:.0f} ms)")
-        needs_objects = ctx.only & {"upload", "download", "cold", "range", "head"}
+        needs_objects = ctx.only & NEEDS_OBJECTS
         uploaded = 0
         if needs_objects:
             create_repo(server, "r")
@@ -1259,6 +1373,16 @@ def server_round(ctx: Context, kind: str, proto: str, rnd: int) -> None:
             m, errors, rc = wl_head(server, ctx.objects, uploaded, n, seed=rnd)
             s = sample_of("head", m, errors, n, rc)
             add(s, f"{n / m.elapsed:8.0f} req/s  cpu {fmt(s.cpu)} s, client cpu {m.client_cpu:.2f} s{m.noise_note()}")
+        if "stalled" in ctx.only and ctx.objects is not None:
+            stalls = [("stalled_h1", wl_stalled_pipelined)]
+            if proto == "https":
+                stalls.append(("stalled_h2", wl_stalled_h2))
+            for metric, workload in stalls:
+                growth, problem = workload(server, ctx.objects, uploaded)
+                # (at least 1 MiB: a ratio to nothing says nothing)
+                s = Sample(metric, kind, proto, rnd, STALL, max(growth, MiB), None, server.peak_rss(), problem)
+                s.extra["growth"] = growth
+                add(s, f"{growth / MiB:8.1f} MiB more resident while a client read nothing")
         if "small" in ctx.only and ctx.small is not None:
             create_repo(server, "s")
             n = len(ctx.small.names)
@@ -1332,7 +1456,7 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 class Metric:
     key: str
     label: str
-    kind: str  # "bytes" (throughput MiB/s), "req" (per second), "time" (s), "ms" (time in ms)
+    kind: str  # "bytes" (throughput MiB/s), "req" (per second), "time" (s), "ms" (time in ms), "mib" (memory grown)
     unit: str
     cpu_unit: str  # "GiB", "1000", "total" or ""
 
@@ -1345,6 +1469,8 @@ METRICS = [
     Metric("cold_head", "HEAD p99 during it", "ms", "ms", ""),
     Metric("range", "range 4-64 KiB x8", "req", "req/s", "1000"),
     Metric("head", "HEAD x8", "req", "req/s", "1000"),
+    Metric("stalled_h1", "stalled pipelined GETs", "mib", "MiB", ""),
+    Metric("stalled_h2", "stalled HTTP/2 streams", "mib", "MiB", ""),
     Metric("small", "small uploads x8", "req", "obj/s", "1000"),
     Metric("list", "v2 listing, total", "time", "s", "total"),
     Metric("list_ttfb", "v2 listing, 1st byte", "ms", "ms", ""),
@@ -1364,6 +1490,8 @@ def value_of(metric: Metric, s: Sample) -> float:
         return s.amount / s.elapsed
     if metric.kind == "ms":
         return s.elapsed * 1000
+    if metric.kind == "mib":
+        return s.amount / MiB
     return s.elapsed
 
 
@@ -1458,6 +1586,8 @@ def target(key: str, proto: str, row: dict[str, Any], fsync: dict[str, list[floa
         return f">=1.0x{mark(ratio >= 1.0)}"
     if key == "head":
         return f">=0.25x{mark(ratio >= 0.25)}"
+    if key in ("stalled_h1", "stalled_h2"):
+        return "<=16 MiB" + mark(None if r["median"] is None else r["median"] <= 16)
     if key == "small":
         base = fsync.get("1") or []
         if not base or r["median"] is None:
@@ -1705,7 +1835,7 @@ def main(argv: Sequence[str]) -> int:
         objects = small = tree = None
         tree_files = tree_bytes = 0
         t = time.perf_counter()
-        if only & {"upload", "download", "cold", "range", "head"}:
+        if only & NEEDS_OBJECTS:
             objects = BigObjects(sizes.upload_objects)
         if "small" in only:
             small = SmallObjects(sizes.small_objects)
