@@ -625,6 +625,53 @@ def test_idle_tls_connections_keep_no_large_buffers(tmp_path: Path) -> None:
     assert grown < 16, f"24 idle TLS connections hold {grown:.1f} MiB"
 
 
+def store_objects(daemon: Daemon, context: ssl.SSLContext | None, bodies: list[bytes]) -> None:
+    """
+    Create the repository /r/ and upload C{bodies} into its data.
+    """
+    c: http.client.HTTPConnection
+    if context is not None:
+        c = http.client.HTTPSConnection(daemon.host, daemon.port, timeout=30, context=context)
+    else:
+        c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
+    c.request("POST", "/r/?create=true")
+    c.getresponse().read()
+    for body in bodies:
+        c.request("POST", f"/r/data/{hashlib.sha256(body).hexdigest()}", body=body)
+        response = c.getresponse()
+        response.read()
+        assert response.status == 200
+    c.close()
+
+
+def stalled_client(daemon: Daemon, context: ssl.SSLContext | None) -> socket.socket:
+    """
+    A connection to the daemon that holds little of what it is sent
+    unread (a 64 KiB receive buffer), under TLS when C{context} is given.
+    """
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    raw.settimeout(30)
+    raw.connect((daemon.host, daemon.port))
+    return raw if context is None else context.wrap_socket(raw, server_hostname="localhost")
+
+
+def growth_while_stalled(pid: int, client: socket.socket, asking: bytes, what: str) -> float:
+    """
+    Send C{asking} and read nothing for 2 s (the daemon read whole objects
+    into memory in well under a second): how many MiB the daemon's peak
+    resident size grew meanwhile (printed, with C{what}, under C{-s}).
+    """
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the current size
+    before = peak_resident_mib(pid)
+    client.sendall(asking)
+    time.sleep(2)
+    grown = peak_resident_mib(pid) - before
+    print(f"\n{what} to a client reading nothing: peak RSS {before:.0f} -> {before + grown:.0f} MiB")
+    return grown
+
+
 def pipelined_answers(data: bytes) -> list[tuple[bytes, bytes]]:
     """
     The status lines and bodies of the HTTP/1.1 answers in C{data}, one
@@ -656,39 +703,13 @@ def test_pipelined_answers_to_a_client_that_reads_nothing_are_not_gathered(tmp_p
     large = os.urandom(64 * MIB)
     asked = [small] * 100 + [large]
     with running(tmp_path, tls=tls) as daemon:
-        pid = daemon.process.pid
         context = ssl.create_default_context(cafile=str(daemon.cert)) if tls else None
-        c: http.client.HTTPConnection
-        if context is not None:
-            c = http.client.HTTPSConnection(daemon.host, daemon.port, timeout=30, context=context)
-        else:
-            c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=30)
-        c.request("POST", "/r/?create=true")
-        c.getresponse().read()
-        for body in (small, large):
-            c.request("POST", f"/r/data/{hashlib.sha256(body).hexdigest()}", body=body)
-            response = c.getresponse()
-            response.read()
-            assert response.status == 200
-        c.close()
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        raw.settimeout(30)
-        raw.connect((daemon.host, daemon.port))
-        client = raw if context is None else context.wrap_socket(raw, server_hostname="localhost")
-        with client:
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")  # the peak starts again from the current size
-            before = peak_resident_mib(pid)
-            client.sendall(
-                b"".join(
-                    b"GET /r/data/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % hashlib.sha256(body).hexdigest().encode()
-                    for body in asked
-                )
+        store_objects(daemon, context, [small, large])
+        with stalled_client(daemon, context) as client:
+            asking = b"".join(
+                b"GET /r/data/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % hashlib.sha256(body).hexdigest().encode() for body in asked
             )
-            time.sleep(2)  # (answering them all at once took well under a second)
-            grown = peak_resident_mib(pid) - before
-            print(f"\n101 pipelined answers to a client reading nothing: peak RSS {before:.0f} -> {before + grown:.0f} MiB")
+            grown = growth_while_stalled(daemon.process.pid, client, asking, "101 pipelined answers")
             received = bytearray()
             while not received.endswith(large[-64:]):  # the end of the last answer
                 chunk = client.recv(MIB)
@@ -718,24 +739,12 @@ def test_an_http2_client_that_opens_its_windows_wide_and_reads_nothing_is_not_se
     name = hashlib.sha256(body).hexdigest()
     streams = list(range(1, 2 * count, 2))
     with running(tmp_path) as daemon:
-        pid = daemon.process.pid
         assert daemon.cert is not None
         context = ssl.create_default_context(cafile=str(daemon.cert))
-        c = http.client.HTTPSConnection(daemon.host, daemon.port, timeout=30, context=context)
-        c.request("POST", "/r/?create=true")
-        c.getresponse().read()
-        c.request("POST", f"/r/data/{name}", body=body)
-        response = c.getresponse()
-        response.read()
-        assert response.status == 200
-        c.close()
+        store_objects(daemon, context, [body])
         context.set_alpn_protocols(["h2"])
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        raw.settimeout(30)
-        raw.connect((daemon.host, daemon.port))
-        with context.wrap_socket(raw, server_hostname="localhost") as client:
-            assert client.selected_alpn_protocol() == "h2"
+        with stalled_client(daemon, context) as client:
+            assert isinstance(client, ssl.SSLSocket) and client.selected_alpn_protocol() == "h2"
             h2 = H2Connection(H2Configuration(client_side=True))
             h2.initiate_connection()
             h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1, SettingCodes.MAX_FRAME_SIZE: 256 << 10})
@@ -743,13 +752,7 @@ def test_an_http2_client_that_opens_its_windows_wide_and_reads_nothing_is_not_se
             for stream in streams:
                 request = [(":method", "GET"), (":path", f"/r/data/{name}"), (":scheme", "https"), (":authority", "localhost")]
                 h2.send_headers(stream, request, end_stream=True)
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")  # the peak starts again from the current size
-            before = peak_resident_mib(pid)
-            client.sendall(h2.data_to_send())
-            time.sleep(2)  # (reading the objects whole took well under a second)
-            grown = peak_resident_mib(pid) - before
-            print(f"\n{count} HTTP/2 answers to a client reading nothing: peak RSS {before:.0f} -> {before + grown:.0f} MiB")
+            grown = growth_while_stalled(daemon.process.pid, client, h2.data_to_send(), f"{count} HTTP/2 answers")
             received: dict[int, bytearray] = {stream: bytearray() for stream in streams}
             ended: set[int] = set()
             while ended != set(streams):

@@ -19,7 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from resticd import h2, listing, resources
+from resticd import listing, resources
 from resticd.listing import ListingReader
 from resticd.resources import StoredFile
 from resticd.threads import run_inline
@@ -356,9 +356,9 @@ def test_pipelined_requests_wait_while_the_client_is_behind(tmp_path, monkeypatc
     Requests sent pipelined behind one whose answer the client has not
     taken yet (its connection is full) wait, unanswered, however small
     their answers: answers written at once would otherwise pile up in
-    memory. Once the client catches up, they are answered, in order. So
-    whether the answer before them was written at once or after a worker
-    read the object (the requests behind it then arrive while it is
+    memory. Once the client catches up, they are answered, in order. This
+    holds whether the answer before them was written at once or after a
+    worker read the object (the requests behind it then arrive while it is
     under way).
     """
     runner = HeldWrites()
@@ -380,11 +380,25 @@ def test_pipelined_requests_wait_while_the_client_is_behind(tmp_path, monkeypatc
     assert transport.value().count(b"HTTP/1.1 200 ") == 1 and transport.value().endswith(b"first")
     assert transport.producer is not None
     transport.producer.resumeProducing()  # the client caught up
-    for _ in bodies:
-        runner.release_all()
+    runner.release_all()
     answers = transport.value().split(b"HTTP/1.1 200 OK\r\n")[1:]
     assert [answer.split(b"\r\n\r\n", 1)[1] for answer in answers] == bodies
     channel.connectionLost(Failure(ConnectionDone()))
+
+
+def rest_over_h2(reads: HeldListings, client: Any, transport: StringTransport, clock: Any) -> list[tuple[int, bytes]]:
+    """
+    Over HTTP/2: release each listing read as it comes and run the
+    connection's turns until the listings are sent (a few turns); the DATA
+    frames the client received from now on.
+    """
+    received = data_frames(client, transport)
+    for _ in range(10):
+        while reads.held:
+            reads.release()
+        clock.turn()
+        received += data_frames(client, transport)
+    return received
 
 
 def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_up(tmp_path, monkeypatch) -> None:
@@ -404,11 +418,7 @@ def test_a_listing_over_http2_reads_no_further_while_its_streams_window_is_used_
     client.increment_flow_control_window(1 << 20, stream_id=1)
     h2.dataReceived(client.data_to_send())
     assert reads.asked == 2
-    for _ in range(10):
-        while reads.held:
-            reads.release()
-        clock.turn()
-        received += data_frames(client, transport)
+    received += rest_over_h2(reads, client, transport, clock)
     sent = b"".join(data for _, data in received)
     assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
 
@@ -424,7 +434,7 @@ def test_a_listing_over_http2_queues_no_more_than_its_stream_may_hold_however_wi
     of it, in order.
     """
     server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
-    monkeypatch.setattr(h2, "STREAM_QUEUE", 100)
+    monkeypatch.setattr("resticd.h2.STREAM_QUEUE", 100)
     connection, client, transport, clock = h2_requests(server.site, ["/r/data/"], window=(1 << 31) - 1, headers=[("accept", V2)])
     connection.pauseProducing()  # its transport is full: the client reads nothing
     reads.release()
@@ -433,12 +443,7 @@ def test_a_listing_over_http2_queues_no_more_than_its_stream_may_hold_however_wi
     assert reads.held == [] and reads.asked == 2, "a piece was read for a stream whose queue is full"
     connection.resumeProducing()  # the send loop goes on: both pieces are sent
     assert reads.asked == 3
-    received = data_frames(client, transport)
-    for _ in range(10):
-        while reads.held:
-            reads.release()
-        clock.turn()
-        received += data_frames(client, transport)
+    received = rest_over_h2(reads, client, transport, clock)
     sent = b"".join(data for _, data in received)
     assert json.loads(sent) == [{"name": name_of(b), "size": len(b)} for b in bodies]
 
@@ -452,7 +457,7 @@ def test_answers_on_one_http2_connection_share_what_it_may_queue(tmp_path, monke
     connection can send, both go on, and the client gets both whole.
     """
     server, reads, bodies = held_listings_of_data(tmp_path, monkeypatch)
-    monkeypatch.setattr(h2, "CONNECTION_QUEUE", 200)
+    monkeypatch.setattr("resticd.h2.CONNECTION_QUEUE", 200)
     paths = ["/r/data/", "/r/data/"]
     connection, client, transport, clock = h2_requests(server.site, paths, window=(1 << 31) - 1, headers=[("accept", V2)])
     connection.pauseProducing()  # its transport is full: the client reads nothing
@@ -460,12 +465,7 @@ def test_answers_on_one_http2_connection_share_what_it_may_queue(tmp_path, monke
         reads.release()
     assert reads.asked == 4, "each listing reads two pieces, and no third"
     connection.resumeProducing()
-    received = data_frames(client, transport)
-    for _ in range(10):
-        while reads.held:
-            reads.release()
-        clock.turn()
-        received += data_frames(client, transport)
+    received = rest_over_h2(reads, client, transport, clock)
     expected = [{"name": name_of(b), "size": len(b)} for b in bodies]
     for stream in (1, 3):
         assert json.loads(b"".join(data for s, data in received if s == stream)) == expected
