@@ -904,17 +904,12 @@ def wl_stalled_pipelined(server: Server, objects: BigObjects, available: int) ->
             for i, offset in asks
         )
         growth = stalled_growth(server, conn, asking)
-        reader = conn.makefile("rb")
+        reader = Client(server.port, None)  # (for its response parser, on this connection)
+        reader.sock = conn
         for i, offset in asks:
-            status = reader.readline()
-            length = 0
-            while (line := reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            body = reader.read(length)
-            if not status.startswith(b"HTTP/1.1 206 ") or body != objects.content(i)[offset : offset + MiB]:
-                return growth, f"object {i} at {offset}: {status.strip()!r}, {len(body)} bytes, content differs"
+            status, _, body, _ = reader._response("GET", True)
+            if status != 206 or body != objects.content(i)[offset : offset + MiB]:
+                return growth, f"object {i} at {offset}: {status}, {len(body or b'')} bytes, content differs"
     return growth, None
 
 
