@@ -378,10 +378,15 @@ def h2_receive(args: argparse.Namespace) -> None:
     keep_large_buffers()  # as the daemon does at startup
 
     def server(ours: bool) -> h2.connection.H2Connection:
-        """A server connection that has sent resticd's settings (see data_to_send)."""
+        """
+        A server connection that has sent resticd's settings (see
+        data_to_send), and a connection window that takes the whole upload
+        (resticd lends its windows from a pool: see resticd.windows).
+        """
         conn = ResticH2Connection().conn if ours else h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         conn.initiate_connection()
         announce_settings(conn)
+        conn.increment_flow_control_window((1 << 31) - 1 - conn.inbound_flow_control_window)
         return conn
 
     # What the client sends: its preamble and settings, the acknowledgement of

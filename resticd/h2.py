@@ -15,7 +15,13 @@ a backup server meets:
 L{ResticH2Connection} fixes both, and L{ResticChannel} makes the site use it
 when a client negotiates C{h2} by ALPN. It is also tuned. For uploads, it
 accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
-sends a pack in a few dozen frames, not hundreds), it cuts the frames out of
+sends a pack in a few dozen frames, not hundreds), lent to each connection
+from one pool for the site (L{resticd.windows}: up to what its uploads
+announced, an equal share when many upload at once; h2 would widen each
+connection's window on its own), it acknowledges what a stream that ended
+left unread (Twisted never did, and the connection's window lost it), it
+keeps what arrives for an upload that waits apart from the read it came
+in, it cuts the frames out of
 each read as it came (L{_FrameBuffer}: once, where h2 copies each frame's
 bytes three times, or not at all for a frame that arrived whole in an
 immutable read) and it does not build a hex dump of every DATA frame for h2's
@@ -37,8 +43,10 @@ answer read whole and written at once is so only while it fits in those
 (h2's default is 100). All this leans on Twisted internals
 (C{_GenericHTTPChannelProtocol}, C{H2Connection.priority},
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
-C{_requestReceived}, C{_requestDone}, C{remainingOutboundWindow}) and on h2's
-flow-control and state attributes and its C{FrameBuffer}; setup.py pins the
+C{_requestReceived}, C{_requestDataReceived}, C{_requestEnded},
+C{_requestDone}, C{openStreamWindow}, C{remainingOutboundWindow},
+C{H2Stream.producing}) and on h2's flow-control and state attributes, its
+connection's C{WindowManager} and its C{FrameBuffer}; setup.py pins the
 Twisted and h2 versions they were tested with.
 """
 
@@ -57,6 +65,7 @@ from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from h2.stream import StreamState
+from h2.windows import WindowManager
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
 from twisted.internet.defer import Deferred
@@ -69,13 +78,17 @@ from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtoc
 
 from .deadlines import Deadline
 from .sockets import write_now
+from .windows import BASE_WINDOW, CONNECTION_WINDOW, UploadWindows
 
 #: The largest DATA frame resticd accepts (HTTP/2 allows up to 16 MiB - 1).
 MAX_FRAME_SIZE = 256 << 10
-#: Each upload stream may have this much data in flight.
+#: Each upload stream may have this much data in flight (and all streams
+#: of a connection together at most what L{UploadWindows} lends it,
+#: L{CONNECTION_WINDOW} at most).
 STREAM_WINDOW = 4 << 20
-#: All streams of a connection together may have this much in flight.
-CONNECTION_WINDOW = 16 << 20
+#: The least an upload whose client has not ended it is counted as still
+#: to send (a Content-Length said nothing of padding, or there was none).
+BODY_REST = 16 << 10
 #: An answer's producer is paused once this much of it waits to be sent,
 #: however far the client opens its window (a client that opened it wide
 #: and read nothing had whole objects read into memory)...
@@ -264,6 +277,22 @@ class _FrameBuffer(FrameBuffer):
         raise StopIteration
 
 
+class _LentWindow(WindowManager):
+    """
+    h2's manager of a connection's receive window, which leaves widening it
+    to resticd: the bytes taken in are handed to C{taken} (and from there to
+    L{UploadWindows}), where h2 would decide on a window update itself.
+    """
+
+    def __init__(self, taken: Callable[[int], None]) -> None:
+        super().__init__(max_window_size=BASE_WINDOW)
+        self._taken = taken
+
+    def process_bytes(self, size: int) -> None:
+        self._taken(size)
+        return None
+
+
 class _QuietConnection(h2.connection.H2Connection):
     """
     h2's connection state machine, without the cost of formatting each
@@ -272,11 +301,13 @@ class _QuietConnection(h2.connection.H2Connection):
     whole payload), receiving through L{_FrameBuffer}, and allowing
     L{MAX_STREAMS} streams at once from the start (h2 enforces its 100 from
     the start, and a new limit only once the client acknowledges it, which
-    a client that reads nothing never does).
+    a client that reads nothing never does), and handing the bytes taken in
+    to C{taken} rather than widening its receive window itself.
     """
 
-    def __init__(self, config: h2.config.H2Configuration) -> None:
+    def __init__(self, config: h2.config.H2Configuration, taken: Callable[[int], None] = lambda size: None) -> None:
         super().__init__(config=config)
+        self._inbound_flow_control_window_manager = _LentWindow(taken)
         self.local_settings = Settings(
             client=False,
             initial_values={
@@ -296,12 +327,11 @@ class _QuietConnection(h2.connection.H2Connection):
 def announce_settings(conn: h2.connection.H2Connection) -> None:
     """
     Queue resticd's settings on a started server connection: larger frames
-    and windows than HTTP/2's defaults. New settings take effect when the
-    client acknowledges them; the connection window can only be widened by
-    a WINDOW_UPDATE.
+    and stream windows than HTTP/2's defaults. New settings take effect when
+    the client acknowledges them. (The connection window is widened as
+    uploads come: see L{resticd.windows}.)
     """
     conn.update_settings({SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})
-    conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
 
 
 class _SendablePriorityTree(priority.PriorityTree):
@@ -329,16 +359,99 @@ class ResticH2Connection(H2Connection):
     Twisted's HTTP/2 connection with working flow control (see the module).
     """
 
-    def __init__(self, reactor: Any = None) -> None:
+    def __init__(self, reactor: Any = None, windows: UploadWindows | None = None) -> None:
         super().__init__(reactor)
         self.priority = _SendablePriorityTree(self._can_send)
-        self.conn = _QuietConnection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.conn = _QuietConnection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None), self._taken
+        )
+        #: Where the connection's window for uploads is lent from (one pool
+        #: for the whole site; see L{resticd.windows}).
+        self.windows = windows if windows is not None else UploadWindows()
+        self._bodies: dict[int, _Body] = {}
+        self._receiving = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.windows.join(self)
         announce_settings(self.conn)
         transport: Any = self.transport
         transport.write(self.conn.data_to_send())
+
+    def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
+        # All the connection held goes back to the pool at once.
+        self.windows.leave(self)
+        super().connectionLost(reason, _cancelTimeouts)
+
+    # -- the connection's window for uploads (see resticd.windows) ----------
+
+    def wanted(self) -> int:
+        """
+        The upload bytes the client has still to send: what the bodies it
+        has not ended announced and have not arrived (at least L{BODY_REST}
+        each; L{CONNECTION_WINDOW} for one of unknown length).
+        """
+        wanted = 0
+        for body in self._bodies.values():
+            if not body.ended:
+                rest = body.rest
+                wanted += CONNECTION_WINDOW if rest is None else max(rest, BODY_REST)
+        return wanted
+
+    def widen(self, size: int) -> None:
+        """
+        Widen the connection's window by C{size} bytes (lent by the pool).
+        """
+        if self.conn.state_machine.state is ConnectionState.CLOSED:
+            return  # (closing: the pool gets it back when it is closed)
+        self.conn.increment_flow_control_window(size)
+        if not self._receiving:
+            # (While a read is handled, Twisted sends it after.)
+            self._tryToWriteControlData()
+
+    def _taken(self, size: int) -> None:
+        # h2 counted C{size} bytes as taken in (acknowledged): their credit
+        # goes back to the pool.
+        self.windows.taken(self, size)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._receiving = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._receiving = False
+
+    def _requestDataReceived(self, event: Any) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and not stream.producing and type(event.data) is memoryview:
+            # Kept until its upload goes on: a copy, not a view that would
+            # keep the whole read it came in (up to a MiB) alive meanwhile.
+            event.data = bytes(event.data)
+        body = self._bodies.get(event.stream_id)
+        if body is not None:
+            body.unacked += event.flow_controlled_length
+            if body.rest is not None:
+                body.rest = max(0, body.rest - len(event.data))
+        super()._requestDataReceived(event)
+
+    def _requestEnded(self, event: Any) -> None:
+        body = self._bodies.get(event.stream_id)
+        if body is not None:
+            body.ended = True
+        super()._requestEnded(event)
+        self.windows.update(self)
+
+    def openStreamWindow(self, streamID: int, increment: int) -> None:
+        # Twisted acknowledges what it handed to the request (each byte once,
+        # counted here, so that what a stream leaves unread when it ends is
+        # acknowledged once too: see _requestDone).
+        body = self._bodies.get(streamID)
+        if body is None:
+            return
+        size = min(increment, body.unacked)
+        if size > 0:
+            body.unacked -= size
+            super().openStreamWindow(streamID, size)
 
     def _can_send(self, stream: int) -> bool:
         queue = self._outboundStreamQueues.get(stream)
@@ -471,6 +584,23 @@ class ResticH2Connection(H2Connection):
         for item in self._outboundStreamQueues[event.stream_id]:
             queue.append(item)
         self._outboundStreamQueues[event.stream_id] = queue
+        if event.stream_ended is None:
+            self._bodies[event.stream_id] = _Body(content_length(event.headers))
+            self.windows.update(self)
+
+    def _requestDone(self, streamID: int) -> None:
+        # What arrived for a stream that ended without reading it (reset,
+        # refused, its connection lost) is acknowledged, so that the
+        # connection's window gets it back (Twisted never did).
+        body = self._bodies.pop(streamID, None)
+        super()._requestDone(streamID)
+        if body is not None and self._stillProducing:
+            if body.unacked:
+                self.conn.acknowledge_received_data(body.unacked, streamID)
+                if not self._receiving:
+                    self._tryToWriteControlData()
+            elif not body.ended:
+                self.windows.update(self)
 
     #: Bytes of answers being read to be queued whole (see L{reserve}).
     reserved = 0
@@ -500,6 +630,37 @@ class ResticH2Connection(H2Connection):
         if sleeping is not None:
             self._sendingDeferred = None
             sleeping.callback(None)
+
+
+class _Body:
+    """
+    An upload stream's body, as far as the connection's window goes: the
+    bytes still to come (L{None}: of unknown length), those that arrived and
+    were not acknowledged, and whether the client ended it.
+    """
+
+    __slots__ = ("rest", "unacked", "ended")
+
+    def __init__(self, rest: int | None) -> None:
+        self.rest = rest
+        self.unacked = 0
+        self.ended = False
+
+
+def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """
+    The Content-Length of a request's HTTP/2 headers, or L{None} when it has
+    none (or one that is not a length: h2 refuses a body that disagrees with
+    a valid one).
+    """
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+            return length if length >= 0 else None
+    return None
 
 
 def _room_kept() -> None:
@@ -628,7 +789,7 @@ class ResticChannel(_GenericHTTPChannelProtocol):
         if old.deadline is not None:
             old.deadline.stop()
         transport = old.transport
-        channel: Any = ResticH2Connection()
+        channel: Any = ResticH2Connection(windows=getattr(self._site, "upload_windows", None))
         channel.requestFactory = self._requestFactory
         channel.site = self._site
         channel.factory = self._factory

@@ -15,6 +15,7 @@ from .h2 import channel_for
 from .request import RequestLimits, RequestObserver, SpoolingRequest
 from .spool import Spool
 from .usage import Quota
+from .windows import UploadWindows
 
 #: Idle keep-alive connections are closed after this many seconds; Go's client
 #: pool keeps idle connections for 90 s, so this must be longer.
@@ -37,7 +38,8 @@ class ResticSite(QuietSite):
     """
     A L{server.Site} whose requests stream their bodies into C{spool} (their
     uploads checked early against C{quota}), and which offers HTTP/2 by ALPN
-    only when C{http2} is true.
+    only when C{http2} is true; its HTTP/2 connections' windows for uploads
+    are lent from C{windows}.
     """
 
     #: HTTP/1.1, or HTTP/2 with working flow control.
@@ -51,6 +53,7 @@ class ResticSite(QuietSite):
         http2: bool = True,
         reactor: Any = None,
         limits: RequestLimits = RequestLimits(),
+        windows: UploadWindows | None = None,
     ) -> None:
         super().__init__(
             resource, requestFactory=SpoolingRequest, timeout=IDLE_TIMEOUT, reactor=reactor
@@ -61,6 +64,7 @@ class ResticSite(QuietSite):
         self.observers: list[RequestObserver] = []
         self.http2 = http2
         self.limits = limits
+        self.upload_windows = windows if windows is not None else UploadWindows()
         #: The open connections (for a graceful shutdown).
         self.connections: set[Any] = set()
         self._all_closed: list[Deferred[None]] = []

@@ -12,7 +12,7 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, Event
+from h2.events import DataReceived, Event, ResponseReceived
 from h2.exceptions import FrameTooLargeError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
@@ -26,7 +26,6 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from hypothesis import strategies as st
 
 from resticd.h2 import (
-    CONNECTION_WINDOW,
     MAX_FRAME_SIZE,
     MAX_STREAMS,
     STREAM_WINDOW,
@@ -34,6 +33,10 @@ from resticd.h2 import (
     announce_settings,
     reserve,
 )
+from resticd.spool import PIECE
+from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, UploadWindows
+
+from .web import HeldWrites, make_server, name_of
 
 
 def opened_stream(server: H2Connection) -> H2Connection:
@@ -107,10 +110,12 @@ def test_data_frame_on_a_closed_stream_is_h2s_error() -> None:
 def configured(server: H2Connection) -> H2Connection:
     """
     C{server} started with the settings resticd's connection announces
-    (sent: see L{opening}).
+    (sent: see L{opening}), and the connection window an uploading client
+    is lent.
     """
     server.initiate_connection()
     announce_settings(server)
+    server.increment_flow_control_window(CONNECTION_WINDOW - server.inbound_flow_control_window)
     return server
 
 
@@ -347,24 +352,117 @@ def frames(data: bytes) -> list[Frame]:
     return found
 
 
-def test_a_new_connection_offers_large_frames_and_windows() -> None:
+class _Waiting(Request):
     """
-    On a new connection resticd tells the client it may send frames of up
-    to 256 KiB, 4 MiB per upload stream and 16 MiB in all before waiting for
-    window updates (HTTP/2's defaults, 16 KiB and 64 KiB, would have Go send
-    a restic pack in hundreds of frames and stall on each window).
+    A request that takes in none of its body (as an upload whose writes are
+    behind): its stream is paused from the start.
     """
-    channel = ResticH2Connection(MemoryReactorClock())
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        channel.pauseProducing()
+
+
+def waiting_connection() -> tuple[ResticH2Connection, H2Connection, StringTransport]:
+    """
+    A connection whose requests take in none of their bodies (L{_Waiting}),
+    its client (which has read the server's settings) and its transport.
+    """
+    server = ResticH2Connection(MemoryReactorClock())
+    made: Any = server  # what the channel that switches to HTTP/2 sets
+    made.site = Site(Resource())
+    made.requestFactory = _Waiting
+    made.factory = None
     transport = StringTransport()
-    channel.makeConnection(transport)
+    server.makeConnection(transport)
     client = H2Connection(H2Configuration(client_side=True))
     client.initiate_connection()
     client.receive_data(transport.value())
+    transport.clear()
+    return server, client, transport
+
+
+def send_what_the_window_allows(client: H2Connection, stream: int) -> None:
+    """
+    Have C{client} send zeros on C{stream}, in frames as large as allowed,
+    until a window is used up.
+    """
+    while (room := min(client.local_flow_control_window(stream), client.max_outbound_frame_size)) > 0:
+        client.send_data(stream, bytes(room))
+
+
+def test_a_new_connection_offers_large_frames_and_lends_windows_to_uploads() -> None:
+    """
+    On a new connection resticd tells the client it may send frames of up
+    to 256 KiB and 4 MiB per upload stream (HTTP/2's defaults, 16 KiB and
+    64 KiB, would have Go send a restic pack in hundreds of frames and stall
+    on each window). The connection's window stays HTTP/2's 64 KiB while
+    the client only asks for things; an upload has it widened as far as its
+    Content-Length, a further one up to 16 MiB.
+    """
+    channel, client, transport = waiting_connection()
     assert client.max_outbound_frame_size == MAX_FRAME_SIZE == 256 << 10
-    client.send_headers(1, [(":method", "POST"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")])
-    assert client.local_flow_control_window(1) == STREAM_WINDOW == 4 << 20
-    assert client.outbound_flow_control_window == CONNECTION_WINDOW == 16 << 20
+    asked = [(":method", "GET"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")]
+    client.send_headers(1, asked, end_stream=True)
+    for stream, length, window in ((3, 3 << 20, 3 << 20), (5, 64 << 20, CONNECTION_WINDOW)):
+        transport.clear()
+        channel.dataReceived(client.data_to_send())
+        assert client.outbound_flow_control_window == BASE_WINDOW if stream == 3 else window
+        upload = [(":method", "POST"), (":path", "/r/data/y"), (":scheme", "https"), (":authority", "h")]
+        client.send_headers(stream, upload + [("content-length", str(length))])
+        channel.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        assert client.outbound_flow_control_window == window
+    assert CONNECTION_WINDOW == 16 << 20
+    assert client.local_flow_control_window(5) == STREAM_WINDOW == 4 << 20
     channel.connectionLost(Failure(ConnectionDone()))
+
+
+def test_what_a_reset_upload_left_unread_goes_back_to_the_connections_window() -> None:
+    """
+    The bytes of an upload that was reset before they were taken in count
+    as taken in: the connection's window gets them back, and the next upload
+    may send as much as the first could.
+    """
+    server, client, transport = waiting_connection()
+    upload = [(":method", "POST"), (":path", "/r/data/y"), (":scheme", "https"), (":authority", "h")]
+    client.send_headers(1, upload + [("content-length", str(8 << 20))])
+    server.dataReceived(client.data_to_send())
+    client.receive_data(transport.value())
+    assert client.outbound_flow_control_window == 8 << 20
+    send_what_the_window_allows(client, 1)
+    server.dataReceived(client.data_to_send())
+    assert client.outbound_flow_control_window == 4 << 20  # 4 MiB sent, left unread
+    client.reset_stream(1)
+    client.send_headers(3, upload + [("content-length", str(8 << 20))])
+    transport.clear()
+    server.dataReceived(client.data_to_send())
+    client.receive_data(transport.value())
+    assert client.outbound_flow_control_window == 8 << 20
+    assert server.windows.held(server) == 8 << 20
+    server.connectionLost(Failure(ConnectionDone()))
+
+
+def test_bytes_kept_for_a_waiting_upload_do_not_hold_the_read_they_came_in() -> None:
+    """
+    What arrives for an upload that waits (its stream paused) is kept as a
+    copy of its own, not as a view of the read it came in, which would stay
+    in memory whole (up to a MiB, most of it other streams' bytes) for as
+    long as the upload waits.
+    """
+    server, client, transport = waiting_connection()
+    upload = [(":method", "POST"), (":path", "/r/data/y"), (":scheme", "https"), (":authority", "h")]
+    client.send_headers(1, upload + [("content-length", str(1 << 20))])
+    server.dataReceived(client.data_to_send())
+    client.receive_data(transport.value())
+    payload = os.urandom(100_000)
+    client.send_data(1, payload)
+    read = bytes(client.data_to_send())
+    server.dataReceived(read)
+    kept = [chunk for chunk, _ in server.streams[1]._inboundDataBuffer]
+    assert [bytes(chunk) for chunk in kept] == [payload]
+    assert not any(isinstance(chunk, memoryview) and chunk.obj is read for chunk in kept)
+    server.connectionLost(Failure(ConnectionDone()))
 
 
 def test_answers_read_whole_share_the_connections_room() -> None:
@@ -574,3 +672,96 @@ def test_frames_stop_at_the_streams_window_and_go_on_when_it_opens() -> None:
         clock.turn()
     assert [len(data) for _, data in rest] == [16384, 8192]
     assert b"".join(data for _, data in first + rest) == body
+
+
+class Uploader:
+    """
+    A client uploading C{bodies} (path, body) on a connection of its own to
+    C{site}, one stream each, in frames as large as allowed.
+    """
+
+    def __init__(self, site: Any, clock: Turns, bodies: list[tuple[str, bytes]]) -> None:
+        self.server = ResticH2Connection(clock, windows=site.upload_windows)
+        made: Any = self.server  # what the channel that switches to HTTP/2 sets
+        made.site = site
+        made.requestFactory = site.requestFactory
+        made.factory = None
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True))
+        self.client.initiate_connection()
+        self.bodies = {1 + 2 * i: body for i, (_, body) in enumerate(bodies)}
+        self.sent = dict.fromkeys(self.bodies, 0)
+        self.statuses: list[bytes] = []
+        for stream, (path, body) in zip(self.bodies, bodies):
+            request = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", "h")]
+            self.client.send_headers(stream, request + [("content-length", str(len(body)))])
+        self.step()
+
+    def step(self) -> int:
+        """
+        Read what the server sent, send what the windows allow: the bytes
+        sent.
+        """
+        for event in self.client.receive_data(self.transport.value()):
+            if isinstance(event, ResponseReceived):
+                self.statuses.append(dict(event.headers)[b":status"])
+        self.transport.clear()
+        start = sum(self.sent.values())
+        for stream, body in self.bodies.items():
+            while self.sent[stream] < len(body):
+                room = min(self.client.local_flow_control_window(stream), self.client.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                sent = self.sent[stream]
+                piece = body[sent : sent + room]
+                self.sent[stream] = sent + len(piece)
+                self.client.send_data(stream, piece, end_stream=self.sent[stream] == len(body))
+        self.server.dataReceived(self.client.data_to_send())
+        return sum(self.sent.values()) - start
+
+    def done(self) -> bool:
+        return all(self.sent[stream] == len(body) for stream, body in self.bodies.items())
+
+
+def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_than_the_pool(tmp_path) -> None:
+    """
+    Uploads on many HTTP/2 connections (three each, as restic runs several
+    at once) while resticd's writes wait (a disk slower than the network):
+    their clients together get to send no more than the pool lends, beyond
+    HTTP/2's initial 64 KiB each, and what the writes may have queued, where
+    each connection's own window let its client send up to 16 MiB into
+    memory. Once the writes go on, every upload is answered 200 and stored
+    whole.
+    """
+    runner = HeldWrites()
+    server = make_server(str(tmp_path / "data"), run=runner)
+    server.store.create_repo(("r",))
+    site: Any = server.site
+    lent = 8 << 20
+    site.upload_windows = UploadWindows(limit=lent)
+    clock = Turns()
+    base = os.urandom(6 << 20)
+    bodies = [base[:-1] + bytes([i]) for i in range(12)]
+    named = [(f"/r/data/{name_of(body)}", body) for body in bodies]
+    uploaders = [Uploader(site, clock, named[i : i + 3]) for i in range(0, len(named), 3)]
+    while sum(uploader.step() for uploader in uploaders):
+        clock.turn()
+    queued = site.spool.budget.limit + len(bodies) * PIECE
+    sent = sum(sum(uploader.sent.values()) for uploader in uploaders)
+    assert sent <= lent + len(uploaders) * BASE_WINDOW + queued
+    while runner.queued or not all(uploader.done() for uploader in uploaders):
+        runner.release_all()
+        for uploader in uploaders:
+            uploader.step()
+        clock.turn()
+    for _ in range(5):
+        runner.release_all()
+        clock.turn()
+        for uploader in uploaders:
+            uploader.step()
+    assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 3] * len(uploaders)
+    for body in bodies:
+        name = name_of(body)
+        with open(os.path.join(server.layout.root, "r", "data", name[:2], name), "rb") as f:
+            assert f.read() == body

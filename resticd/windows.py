@@ -1,0 +1,169 @@
+"""
+How far HTTP/2 clients may send upload bytes ahead of resticd: the
+connection-level flow-control windows, lent from one pool shared by every
+connection.
+
+An HTTP/2 client sends as much as its connection's window allows, whether
+or not resticd takes it in: the bytes of an upload that waits (its writes
+behind, the disk slower than the network) stay in memory until it goes on.
+Over HTTP/1.1 the socket buffers them, in the kernel, and the client stops;
+over HTTP/2 only the window stops it. So the windows are lent from a pool
+(L{UploadWindows}), only to connections with upload bytes still to come, no
+further than those bytes (a body's C{Content-Length}), at most
+L{CONNECTION_WINDOW} each and an equal share of the pool when many
+connections upload at once; credit comes back as resticd takes the bytes in.
+Every connection keeps HTTP/2's initial window (L{BASE_WINDOW}, which cannot
+be taken back) outside the pool, so none is ever starved, however many
+connections share it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+#: HTTP/2's initial connection window (RFC 9113, 6.9.2): what every client
+#: may send before any window update.
+BASE_WINDOW = 65_535
+#: The most one connection may have in flight (a single restic client gets
+#: all of it; Go's HTTP/2 server lends 1 MiB).
+CONNECTION_WINDOW = 16 << 20
+#: What all connections together may have in flight beyond their
+#: L{BASE_WINDOW}s: a single client gets L{CONNECTION_WINDOW}, two get as
+#: much each, eight a quarter of it.
+UPLOAD_WINDOWS = 32 << 20
+
+
+class Borrower(Protocol):
+    """
+    A connection that borrows from L{UploadWindows}.
+    """
+
+    def wanted(self) -> int:
+        """
+        The upload bytes its client has still to send (0 when it sends none).
+        """
+
+    def widen(self, size: int) -> None:
+        """
+        Widen the connection's window by C{size} bytes (a WINDOW_UPDATE).
+        """
+
+
+def grant(held: int, wanted: int, share: int, room: int) -> int:
+    """
+    By how much to widen a connection's window. C{held} is what its client
+    may send now plus what has arrived and not been taken in yet; it aims at
+    C{wanted}, the bytes still to come, but no higher than C{share}; C{room}
+    is as high as the pool lets C{held} go. Nothing while it lacks less than
+    half its aim (window updates go out in a few large steps, not one per
+    frame taken in), else as much as it lacks and the pool allows.
+    """
+    aim = min(wanted, share)
+    lacking = aim - held
+    if lacking <= 0 or 2 * lacking < aim:
+        return 0
+    return max(0, min(aim, room) - held)
+
+
+def _charge(held: int) -> int:
+    """
+    What a connection holding C{held} bytes of window takes from the pool.
+    """
+    return max(0, held - BASE_WINDOW)
+
+
+class UploadWindows:
+    """
+    The pool that HTTP/2 connections' windows for uploads are lent from (see
+    the module): C{limit} bytes beyond every connection's L{BASE_WINDOW}, at
+    most C{per_connection} to one. A connection that could not get all it
+    lacked waits, in turn, for credit to come back.
+    """
+
+    def __init__(self, limit: int = UPLOAD_WINDOWS, per_connection: int = CONNECTION_WINDOW) -> None:
+        self.limit = limit
+        self.per_connection = per_connection
+        #: What the connections take from the pool now.
+        self.used = 0
+        self._held: dict[Borrower, int] = {}
+        self._uploading: set[Borrower] = set()
+        self._waiting: dict[Borrower, None] = {}
+
+    def join(self, borrower: Borrower) -> None:
+        """
+        A new connection, with HTTP/2's initial window.
+        """
+        self._held[borrower] = BASE_WINDOW
+
+    def leave(self, borrower: Borrower) -> None:
+        """
+        A connection closed: all it held goes back to the pool.
+        """
+        held = self._held.pop(borrower, None)
+        if held is None:
+            return
+        self.used -= _charge(held)
+        self._uploading.discard(borrower)
+        self._waiting.pop(borrower, None)
+        self._serve_waiting()
+
+    def held(self, borrower: Borrower) -> int:
+        """
+        What C{borrower}'s client may send now plus what it sent that has not
+        been taken in yet.
+        """
+        return self._held.get(borrower, 0)
+
+    def share(self) -> int:
+        """
+        The most one connection may hold while as many as now upload.
+        """
+        return min(self.per_connection, self.limit // max(1, len(self._uploading)))
+
+    def taken(self, borrower: Borrower, size: int) -> None:
+        """
+        C{size} bytes that C{borrower}'s client sent were taken in: their
+        credit comes back, to connections waiting for it first.
+        """
+        held = self._held.get(borrower)
+        if held is None:
+            return
+        rest = max(0, held - size)
+        self._held[borrower] = rest
+        self.used += _charge(rest) - _charge(held)
+        self._serve_waiting()
+        self.update(borrower)
+
+    def update(self, borrower: Borrower) -> None:
+        """
+        Widen C{borrower}'s window if it lacks enough of what it wants (its
+        uploads started, or its credit came back).
+        """
+        if borrower not in self._held:
+            return
+        wanted = borrower.wanted()
+        if wanted > 0:
+            self._uploading.add(borrower)
+        else:
+            self._uploading.discard(borrower)
+        self._top_up(borrower, wanted)
+
+    def _top_up(self, borrower: Borrower, wanted: int) -> None:
+        held = self._held[borrower]
+        share = self.share()
+        room = BASE_WINDOW + self.limit - self.used + _charge(held)
+        size = grant(held, wanted, share, room)
+        if size:
+            self._held[borrower] = held + size
+            self.used += _charge(held + size) - _charge(held)
+            borrower.widen(size)
+        if wanted > 0 and min(wanted, share) > room:
+            self._waiting.setdefault(borrower)
+        else:
+            self._waiting.pop(borrower, None)
+
+    def _serve_waiting(self) -> None:
+        for borrower in list(self._waiting):
+            if self.used >= self.limit:
+                return
+            self._top_up(borrower, borrower.wanted())

@@ -1,0 +1,142 @@
+"""
+The pool HTTP/2 connections' windows for uploads are lent from, with
+stand-ins for the connections.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, UPLOAD_WINDOWS, UploadWindows, grant
+
+MiB = 1 << 20
+
+
+class Connection:
+    """
+    A connection that wants C{wanted} bytes and notes what it was lent.
+    """
+
+    def __init__(self, wanted: int = 0) -> None:
+        self._wanted = wanted
+        self.widened: list[int] = []
+
+    def wanted(self) -> int:
+        return self._wanted
+
+    def widen(self, size: int) -> None:
+        self.widened.append(size)
+
+    def sends(self, pool: UploadWindows, size: int) -> None:
+        """
+        Its client sends C{size} bytes, which are taken in.
+        """
+        self._wanted -= size
+        pool.taken(self, size)
+
+
+@given(
+    held=st.integers(0, 64 * MiB),
+    wanted=st.integers(0, 256 * MiB),
+    share=st.integers(0, 32 * MiB),
+    room=st.integers(0, 64 * MiB),
+)
+def test_a_grant_stays_within_the_aim_and_the_room(held: int, wanted: int, share: int, room: int) -> None:
+    """
+    A connection is never lent beyond what it wants, its share or what the
+    pool has room for; it is lent nothing while it lacks less than half of
+    its aim, and otherwise all it lacks when the pool has room for it.
+    """
+    size = grant(held, wanted, share, room)
+    aim = min(wanted, share)
+    assert size >= 0
+    if size:
+        assert held + size <= min(aim, room)
+    if 2 * (aim - held) < aim:
+        assert size == 0
+    elif room >= aim > held:
+        assert held + size == aim
+
+
+def test_an_upload_is_lent_what_it_announced_up_to_16_mib() -> None:
+    """
+    A lone connection is lent what its uploads announced, up to 16 MiB (its
+    window starts at HTTP/2's 64 KiB), and nothing while it uploads nothing.
+    """
+    pool = UploadWindows()
+    idle, small, large = Connection(0), Connection(3 * MiB), Connection(100 * MiB)
+    for connection in (idle, small, large):
+        pool.join(connection)
+    pool.update(idle)
+    assert idle.widened == []
+    pool.update(small)
+    assert sum(small.widened) == 3 * MiB - BASE_WINDOW
+    pool.update(large)
+    assert pool.held(large) == CONNECTION_WINDOW == 16 * MiB
+
+
+def test_connections_uploading_at_once_share_the_pool() -> None:
+    """
+    However many connections upload at once, all together are lent no more
+    than the pool (32 MiB) beyond HTTP/2's 64 KiB each; those that came
+    first keep what they were lent, but as their bytes are taken in, each is
+    lent no more than its share: two get 16 MiB each, eight a quarter of it.
+    """
+    for count, each in ((2, 16 * MiB), (8, 4 * MiB), (64, MiB // 2)):
+        pool = UploadWindows()
+        connections = [Connection(256 * MiB) for _ in range(count)]
+        for connection in connections:
+            pool.join(connection)
+        for connection in connections:
+            pool.update(connection)
+        for _ in range(2):
+            assert sum(pool.held(connection) for connection in connections) <= UPLOAD_WINDOWS + count * BASE_WINDOW
+            assert pool.used <= pool.limit
+            for connection in connections:
+                connection.sends(pool, pool.held(connection))
+        assert max(pool.held(connection) for connection in connections) <= each
+
+
+def test_credit_taken_in_goes_to_connections_waiting_in_turn() -> None:
+    """
+    A connection that found the pool lent out waits; as another's bytes are
+    taken in, their credit goes to the waiting connections, the first to
+    wait first, and none goes past its share.
+    """
+    pool = UploadWindows(limit=8 * MiB, per_connection=8 * MiB)
+    first = Connection(64 * MiB)
+    pool.join(first)
+    pool.update(first)
+    assert pool.held(first) == 8 * MiB
+    second, third = Connection(64 * MiB), Connection(64 * MiB)
+    for connection in (second, third):
+        pool.join(connection)
+        pool.update(connection)
+    assert pool.held(second) + pool.held(third) <= 3 * BASE_WINDOW
+    first.sends(pool, 2 * MiB)
+    assert pool.held(second) >= 2 * MiB > pool.held(third), "the first to wait is served first"
+    first.sends(pool, 6 * MiB)
+    assert pool.held(third) >= 2 * MiB
+    for connection in (first, second, third):
+        assert pool.held(connection) <= pool.share()
+    assert pool.used <= pool.limit
+
+
+def test_a_closed_connection_gives_back_all_it_held() -> None:
+    """
+    Whatever a connection held when it closed goes back to the pool, to a
+    connection waiting for it.
+    """
+    pool = UploadWindows(limit=4 * MiB, per_connection=4 * MiB)
+    gone, waiting = Connection(64 * MiB), Connection(64 * MiB)
+    pool.join(gone)
+    pool.join(waiting)
+    pool.update(gone)
+    pool.update(waiting)
+    assert pool.held(waiting) <= 2 * BASE_WINDOW
+    pool.leave(gone)
+    assert pool.held(gone) == 0
+    assert pool.held(waiting) == 4 * MiB and pool.used <= pool.limit
+    pool.leave(waiting)
+    assert pool.used == 0
