@@ -121,16 +121,19 @@ def resume_all(waiting: list[Callable[[], object]]) -> None:
 
 class WriteBudget:
     """
-    A cap on body bytes received but not yet written, across all uploads:
-    when it is exceeded, uploads stop reading from their clients until the
-    worker threads have caught up to half the cap. (8 concurrent 8 MiB
-    uploads went as fast with 8 MiB as with 16, and held 6-8 MiB less.)
+    A cap on body bytes received but not yet written, across all uploads
+    (those an upload keeps for its next piece too): when it is exceeded,
+    what uploads keep goes to the workers and uploads stop reading from
+    their clients until the worker threads have caught up to half the cap.
+    (8 concurrent 8 MiB uploads went as fast with 8 MiB as with 16, and held
+    6-8 MiB less.)
     """
 
     def __init__(self, limit: int = 8 << 20) -> None:
         self.limit = limit
         self.used = 0
         self._waiting: list[Callable[[], object]] = []
+        self._keeping: dict[SpoolFile, None] = {}
 
     def take(self, size: int) -> None:
         self.used += size
@@ -150,6 +153,26 @@ class WriteBudget:
         Call C{resume} once the backlog is down to half the cap.
         """
         self._waiting.append(resume)
+
+    def keeping(self, spool: SpoolFile) -> None:
+        """
+        C{spool} keeps bytes for its next piece. Should the cap be exceeded,
+        what every upload keeps goes to the workers at once: none of it may
+        wait for more of its body, which its client may not be able to send
+        (over HTTP/2 its connection's window can be taken by uploads that
+        wait for this cap).
+        """
+        self._keeping[spool] = None
+        if self.exceeded:
+            keeping, self._keeping = self._keeping, {}
+            for kept in keeping:
+                kept.submit()
+
+    def kept_none(self, spool: SpoolFile) -> None:
+        """
+        C{spool} keeps nothing for its next piece any more.
+        """
+        self._keeping.pop(spool, None)
 
 
 class DirectWrites:
@@ -316,23 +339,39 @@ class SpoolFile:
             return
         self._pending.append(data)
         self._pending_size += len(data)
+        budget = self.budget
+        if budget is not None:
+            budget.take(len(data))
         if self._pending_size >= PIECE:
-            self._submit()
+            self.submit()
+        elif budget is not None:
+            budget.keeping(self)
 
-    def _submit(self) -> None:
+    def _take_pending(self) -> tuple[list[bytes], int]:
+        """
+        What is kept for the next piece, and its length, no longer kept.
+        """
+        pieces, size = self._pending, self._pending_size
+        self._pending = []
+        self._pending_size = 0
+        if self.budget is not None:
+            self.budget.kept_none(self)
+        return pieces, size
+
+    def submit(self) -> None:
+        """
+        Hand what is kept for the next piece to the worker threads now, however
+        little.
+        """
         if not self._pending:
             return
         # The network's pieces go to the worker as they came: joining them
         # would copy every byte once more, into freshly allocated memory.
-        pieces, size = self._pending, self._pending_size
-        self._pending = []
-        self._pending_size = 0
+        pieces, size = self._take_pending()
         self._submitted = True
         run = self._run
         assert run is not None
         budget = self.budget
-        if budget is not None:
-            budget.take(size)
         self._writing += size
 
         def write(ignored: object) -> Deferred[None]:
@@ -462,15 +501,16 @@ class SpoolFile:
         """
         if self._run is not None and not self._submitted and self._pending_size <= SMALL_BODY:
             # Nothing was handed to the workers yet, and all there is is small.
-            piece = b"".join(self._pending)
-            self._pending = []
-            self._pending_size = 0
+            pieces, size = self._take_pending()
+            if self.budget is not None:
+                self.budget.give(size)
+            piece = b"".join(pieces)
             if self._hash is not None:
                 self._hash.update(piece)
             self._unwritten = piece
             self._submitted = True
             return succeed(None)
-        self._submit()
+        self.submit()
         done: Deferred[None] = Deferred()
         self._tail.addBoth(lambda ignored: done.callback(None))
         return done
@@ -528,8 +568,9 @@ class SpoolFile:
         """
         self._dropped = True
         self._unwritten = None
-        self._pending = []
-        self._pending_size = 0
+        _, size = self._take_pending()
+        if self.budget is not None:
+            self.budget.give(size)
 
         def remove(ignored: object) -> Deferred[None]:
             if self.path is None and self._fd is None:

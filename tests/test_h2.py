@@ -33,7 +33,7 @@ from resticd.h2 import (
     announce_settings,
     reserve,
 )
-from resticd.spool import PIECE
+from resticd.spool import PIECE, Spool, WriteBudget
 from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, UploadWindows
 
 from .web import HeldWrites, make_server, name_of
@@ -696,29 +696,50 @@ class Uploader:
         for stream, (path, body) in zip(self.bodies, bodies):
             request = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", "h")]
             self.client.send_headers(stream, request + [("content-length", str(len(body)))])
-        self.step()
+        self.deliver()
 
     def step(self) -> int:
         """
         Read what the server sent, send what the windows allow: the bytes
         sent.
         """
+        self.read()
+        sent = sum(self.send(stream) for stream in self.bodies)
+        self.server.dataReceived(self.client.data_to_send())
+        return sent
+
+    def read(self) -> None:
+        """
+        Read what the server sent.
+        """
         for event in self.client.receive_data(self.transport.value()):
             if isinstance(event, ResponseReceived):
                 self.statuses.append(dict(event.headers)[b":status"])
         self.transport.clear()
-        start = sum(self.sent.values())
-        for stream, body in self.bodies.items():
-            while self.sent[stream] < len(body):
-                room = min(self.client.local_flow_control_window(stream), self.client.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                sent = self.sent[stream]
-                piece = body[sent : sent + room]
-                self.sent[stream] = sent + len(piece)
-                self.client.send_data(stream, piece, end_stream=self.sent[stream] == len(body))
+
+    def send(self, stream: int, most: int = 1 << 40) -> int:
+        """
+        Queue up to C{most} bytes of C{stream}'s body, as far as the windows
+        allow: the bytes queued (see L{deliver}).
+        """
+        body = self.bodies[stream]
+        start = self.sent[stream]
+        end = min(len(body), start + most)
+        while self.sent[stream] < end:
+            room = min(self.client.local_flow_control_window(stream), self.client.max_outbound_frame_size)
+            if room <= 0:
+                break
+            sent = self.sent[stream]
+            piece = body[sent : min(end, sent + room)]
+            self.sent[stream] = sent + len(piece)
+            self.client.send_data(stream, piece, end_stream=self.sent[stream] == len(body))
+        return self.sent[stream] - start
+
+    def deliver(self) -> None:
+        """
+        Hand what the client queued to the server.
+        """
         self.server.dataReceived(self.client.data_to_send())
-        return sum(self.sent.values()) - start
 
     def done(self) -> bool:
         return all(self.sent[stream] == len(body) for stream, body in self.bodies.items())
@@ -765,3 +786,39 @@ def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_th
         name = name_of(body)
         with open(os.path.join(server.layout.root, "r", "data", name[:2], name), "rb") as f:
             assert f.read() == body
+
+
+def test_uploads_sharing_a_connection_go_on_when_others_on_it_wait_for_the_writes(tmp_path) -> None:
+    """
+    Two uploads on one HTTP/2 connection, the writes slower than the client:
+    one got most of a piece and keeps it for its next, the other went past
+    the write budget and waits, keeping what arrives for it, the whole
+    connection window. Once the budget is exceeded, what every upload keeps
+    goes to the workers, so the waiting one goes on and both are answered
+    200, rather than the first waiting for bytes its client cannot send and
+    the second for writes of bytes kept for more that cannot come.
+    """
+    runner = HeldWrites()
+    server = make_server(str(tmp_path / "data"), run=runner)
+    server.store.create_repo(("r",))
+    site: Any = server.site
+    site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=3 * PIECE // 2))
+    site.upload_windows = UploadWindows(limit=2 * PIECE, per_connection=2 * PIECE)
+    clock = Turns()
+    base = os.urandom(3 * PIECE)
+    bodies = [base[:-1] + bytes([i]) for i in range(2)]
+    uploader = Uploader(site, clock, [(f"/r/data/{name_of(body)}", body) for body in bodies])
+    uploader.read()
+    uploader.send(1, 900 << 10)
+    uploader.deliver()
+    for _ in range(4):
+        uploader.read()
+        uploader.send(3)
+        uploader.deliver()
+    for _ in range(100):
+        if uploader.done() and uploader.statuses == [b"200"] * 2:
+            break
+        runner.release_all()
+        uploader.step()
+        clock.turn()
+    assert uploader.statuses == [b"200"] * 2

@@ -571,6 +571,32 @@ def test_write_backlog_pauses_the_client(server: Server) -> None:
     assert flushed_content(request.spool_file, runner) == body
 
 
+def test_what_uploads_keep_for_their_next_piece_counts_against_the_budget(server: Server) -> None:
+    """
+    What uploads keep for their next piece (up to a MiB each) counts
+    against the write budget of all uploads: of six uploads that each got
+    half a piece, those past a budget of two pieces stop reading from their
+    clients, and what every upload keeps goes to the workers (none of it
+    may wait for more of its body, which the client may be unable to send);
+    they read again once it is written, and every body is stored whole.
+    """
+    runner = HeldWrites()
+    server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=2 * PIECE))
+    uploads = [open_request(server) for _ in range(6)]
+    bodies = [os.urandom(PIECE + 4321) for _ in uploads]
+    for (request, _), body in zip(uploads, bodies):
+        request.gotLength(len(body))
+        request.handleContentChunk(body[: PIECE // 2])
+    assert [transport.producerState for _, transport in uploads] == ["producing"] * 4 + ["paused"] * 2
+    assert len(runner.queued) == 6, "every upload's half goes to the workers"
+    runner.release_all()
+    assert [transport.producerState for _, transport in uploads] == ["producing"] * 6
+    for (request, _), body in zip(uploads, bodies):
+        request.handleContentChunk(body[PIECE // 2 :])
+    for (request, _), body in zip(uploads, bodies):
+        assert flushed_content(request.spool_file, runner) == body
+
+
 def test_an_upload_far_behind_its_writes_reports_it_and_when_it_caught_up(tmp_path) -> None:
     """
     An upload whose writes are more than BACKLOG bytes behind says so, and
