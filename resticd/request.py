@@ -279,7 +279,7 @@ class SpoolingRequest(server.Request):
         """
         budget = spool.budget
         if budget is not None and budget.exceeded:
-            budget.when_room(self._resume_body)
+            budget.when_room(self._resume_body, spool)
             return True
         if spool.backlogged:
             spool.when_caught_up(self._resume_body)
@@ -305,22 +305,28 @@ class SpoolingRequest(server.Request):
             self._clear_deadline()
             producer.pauseProducing()
 
-    def _resume_body(self) -> None:
+    def _resume_body(self) -> bool:
+        """
+        Go on receiving the body, if it still waits and is still wanted;
+        whether it went on.
+        """
         if not self._paused:
-            return
+            return False
         spool = self.spool_file
         gone = self.finished or self._disconnected
         if spool is not None and not gone and self._wait_for_writes(spool):
-            return  # caught up on one count, still behind on the other
+            return False  # caught up on one count, still behind on the other
         self._paused = False
         if gone:
             # Answered meanwhile (twisted.web has let go of its channel,
             # which may serve another request by now) or gone.
-            return
+            return False
         producer = self._body_producer()
-        if producer is not None:
-            self._set_deadline(self._limits.body_stall_timeout, "body")
-            producer.resumeProducing()
+        if producer is None:
+            return False
+        self._set_deadline(self._limits.body_stall_timeout, "body")
+        producer.resumeProducing()
+        return True
 
     def take_spool(self) -> SpoolFile | None:
         """

@@ -576,9 +576,11 @@ def test_what_uploads_keep_for_their_next_piece_counts_against_the_budget(server
     What uploads keep for their next piece (up to a MiB each) counts
     against the write budget of all uploads: of six uploads that each got
     half a piece, those past a budget of two pieces stop reading from their
-    clients, and what every upload keeps goes to the workers (none of it
-    may wait for more of its body, which the client may be unable to send);
-    they read again once it is written, and every body is stored whole.
+    clients; while they wait, what the others keep stays within a quarter
+    of the budget (the rest goes to the workers: the room they wait for
+    must not wait for more of a body, which its client may be unable to
+    send). They read again once it is written, and every body is stored
+    whole.
     """
     runner = HeldWrites()
     server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=2 * PIECE))
@@ -588,13 +590,87 @@ def test_what_uploads_keep_for_their_next_piece_counts_against_the_budget(server
         request.gotLength(len(body))
         request.handleContentChunk(body[: PIECE // 2])
     assert [transport.producerState for _, transport in uploads] == ["producing"] * 4 + ["paused"] * 2
-    assert len(runner.queued) == 6, "every upload's half goes to the workers"
+    kept = [request.spool_file.kept for request, _ in uploads if request.spool_file is not None]
+    assert sum(kept) <= PIECE // 2 and len(runner.queued) == 5
     runner.release_all()
     assert [transport.producerState for _, transport in uploads] == ["producing"] * 6
     for (request, _), body in zip(uploads, bodies):
         request.handleContentChunk(body[PIECE // 2 :])
     for (request, _), body in zip(uploads, bodies):
         assert flushed_content(request.spool_file, runner) == body
+
+
+def paused_uploads(server: Server, runner: HeldWrites, pieces: int, count: int) -> list[tuple[SpoolingRequest, StringTransport]]:
+    """
+    C{count} uploads of three pieces each under a write budget of
+    C{pieces} pieces, each given its first piece: those past the budget
+    wait for room.
+    """
+    server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=pieces * PIECE))
+    uploads = [open_request(server) for _ in range(count)]
+    for request, _ in uploads:
+        request.gotLength(3 * PIECE)
+        request.handleContentChunk(bytes(PIECE))
+    return uploads
+
+
+def states(uploads: list[tuple[SpoolingRequest, StringTransport]]) -> list[str]:
+    return [transport.producerState for _, transport in uploads]
+
+
+def test_uploads_waiting_for_the_budget_go_on_in_turn(server: Server) -> None:
+    """
+    Uploads waiting for the write budget go on in turn once the writes
+    caught up, as many as the room left takes a read each (a MiB), not all
+    at once (each would bring a read); the next ones go on as the reads of
+    those come and are written, and every body is stored whole.
+    """
+    runner = HeldWrites()
+    uploads = paused_uploads(server, runner, pieces=4, count=10)
+    assert states(uploads) == ["producing"] * 4 + ["paused"] * 6
+    runner.release_all()
+    assert states(uploads) == ["producing"] * 8 + ["paused"] * 2
+    for request, _ in uploads[4:8]:
+        request.handleContentChunk(bytes(PIECE))
+    assert states(uploads)[8:] == ["paused"] * 2, "the reads on their way fill the room"
+    runner.release_all()
+    assert states(uploads) == ["producing"] * 10
+    for request, _ in uploads:
+        while request.spool_file is not None and request.spool_file.size < 3 * PIECE:
+            request.handleContentChunk(bytes(PIECE))
+            runner.release_all()
+        assert flushed_content(request.spool_file, runner) == bytes(3 * PIECE)
+
+
+def test_an_upload_that_went_on_and_brought_a_short_read_makes_room_for_the_next(server: Server) -> None:
+    """
+    An upload let go on by the write budget is counted as a read (a MiB) on
+    its way until its bytes come; when they are fewer, the room left goes
+    to the next uploads waiting at once, without waiting for a write.
+    """
+    runner = HeldWrites()
+    uploads = paused_uploads(server, runner, pieces=4, count=10)
+    runner.release_all()
+    assert states(uploads) == ["producing"] * 8 + ["paused"] * 2
+    for request, _ in uploads[4:8]:
+        request.handleContentChunk(bytes(64 << 10))
+    assert runner.queued == [] and states(uploads) == ["producing"] * 10
+
+
+def test_an_upload_that_went_on_and_ended_without_a_read_makes_room_for_the_next(server: Server) -> None:
+    """
+    An upload let go on by the write budget whose client then goes away
+    without sending anything more makes room for the next one waiting,
+    which would otherwise wait for a read that never comes.
+    """
+    runner = HeldWrites()
+    uploads = paused_uploads(server, runner, pieces=2, count=6)
+    runner.release_all()
+    assert states(uploads) == ["producing"] * 4 + ["paused"] * 2
+    for request, _ in uploads[2:4]:
+        request.connectionLost(Failure(ConnectionError("client went away")))
+    runner.release_all()
+    assert states(uploads)[4:] == ["producing"] * 2
 
 
 def test_an_upload_far_behind_its_writes_reports_it_and_when_it_caught_up(tmp_path) -> None:
