@@ -6,6 +6,7 @@ Where resticd spends its time on one workload, run by hand::
     .venv/bin/python bench/hotspots.py requests [--count N]
     .venv/bin/python bench/hotspots.py h2-receive [--count N]
     .venv/bin/python bench/hotspots.py h2-send [--count N]
+    .venv/bin/python bench/hotspots.py backups [--https] [--count N] [--disk-mib-s M]
 
 For C{upload}, C{download}, C{range}, C{head} and C{small} (small durable
 uploads, as bench/run.py makes them) it starts one daemon (the
@@ -23,7 +24,12 @@ resticd's HTTP/2 connection takes to receive an upload's DATA frames, against
 the h2 library's own connection, for reads of several sizes. C{h2-send}
 measures, in this process, the CPU time resticd takes to send whole objects
 over HTTP/2 in 16 KiB frames (as restic's Go client takes them), one answer
-at a time and four at once, through the real site. No peer server: bench/run.py is the comparison; this
+at a time and four at once, through the real site. C{backups} has N restic
+clients back up at once, each a tree of its own, to a daemon whose disk
+writes are throttled (as root, through a cgroup's C{blkio} or C{io}
+controller: a disk slower than the network), and prints the daemon's
+peak resident size: what uploads held while they waited for the disk.
+No peer server: bench/run.py is the comparison; this
 is the microscope for a change (run it on two checkouts to compare them,
 as bench/README.md shows).
 """
@@ -58,10 +64,12 @@ SERVED = ("upload", "download", "range", "head", "small", "list")
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Where resticd spends its time on one workload (run by hand; see bench/README.md).")
-    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive", "h2-send"))
+    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive", "h2-send", "backups"))
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
-    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small, list) or MiB (h2-receive, h2-send); defaults: 128, 128, 20000, 20000, 2000, 10000, 50000, 512, 256")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small, list), MiB (h2-receive, h2-send) or restic clients (backups); defaults: 128, 128, 20000, 20000, 2000, 10000, 50000, 512, 256, 8")
+    parser.add_argument("--disk-mib-s", type=int, default=30, help="backups: the daemon's disk writes are throttled to this many MiB/s (default 30; 0: not throttled)")
+    parser.add_argument("--tree-mib", type=int, default=64, help="backups: MiB of random files each client backs up (default 64)")
     parser.add_argument("--objects", type=int, default=16,
                         help="8 MiB objects that range and HEAD requests spread over (default 16; bench/run.py uses 128, "
                              "whose page-cache pages are then mostly out of the CPU caches)")
@@ -74,7 +82,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "list": 50_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256}
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "list": 50_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256, "backups": 8}
 #: Listings measured by the list workload (after one unmeasured).
 LISTINGS = 7
 
@@ -488,6 +496,102 @@ def h2_send(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def throttled(pid: int, device: str, rate: int) -> Path | None:
+    """
+    Put process C{pid} (all its threads) in a cgroup whose writes to block
+    device C{device} ("major:minor") go at most C{rate} bytes per second:
+    cgroup v1's blkio controller or v2's io controller, as root. The cgroup,
+    or None when neither can be used.
+    """
+    v1 = Path("/sys/fs/cgroup/blkio")
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        if (v1 / "blkio.throttle.write_bps_device").exists():
+            group = v1 / f"resticd-bench-{os.getpid()}"
+            group.mkdir(exist_ok=True)
+            (group / "blkio.throttle.write_bps_device").write_text(f"{device} {rate}\n")
+        elif "io" in (v2 / "cgroup.controllers").read_text().split():
+            (v2 / "cgroup.subtree_control").write_text("+io")
+            group = v2 / f"resticd-bench-{os.getpid()}"
+            group.mkdir(exist_ok=True)
+            (group / "io.max").write_text(f"{device} wbps={rate}\n")
+        else:
+            return None
+        (group / "cgroup.procs").write_text(str(pid))
+        return group
+    except OSError as e:
+        print(f"hotspots.py: cannot throttle the disk ({e}); measuring without")
+        return None
+
+
+def backups(args: argparse.Namespace) -> None:
+    """
+    N restic clients back up at once, each its own tree of random files,
+    to one daemon whose disk writes are throttled: the daemon's peak
+    resident size, and how long it took.
+    """
+    from resticd.certs import write_self_signed
+
+    count = args.count or DEFAULT_COUNT["backups"]
+    proto = "https" if args.https else "http"
+    restic = shutil.which("restic")
+    if restic is None:
+        raise SystemExit("hotspots.py: backups needs restic on PATH")
+    root = Path(tempfile.mkdtemp(prefix="resticd-profile-"))
+    server = None
+    group = None
+    try:
+        cert, key = write_self_signed(str(root / "tls"))
+        rnd = random.Random(7)
+        trees = []
+        for client in range(count):
+            tree = root / f"tree{client}"
+            tree.mkdir()
+            for at in range(0, args.tree_mib, 8):
+                (tree / f"f{at}").write_bytes(rnd.randbytes(min(8, args.tree_mib - at) * run.MiB))
+            trees.append(tree)
+        tls = ssl.create_default_context(cafile=cert) if args.https else None
+        server = run.Server("resticd", proto, root / "server", Path(cert), Path(key), tls, args.resticd_args.split(), "rclone")
+        server.start()
+        stat = os.stat(server.data)
+        device = f"{os.major(stat.st_dev)}:{os.minor(stat.st_dev)}"
+        if args.disk_mib_s > 0:
+            group = throttled(server.pid, device, args.disk_mib_s * run.MiB)
+        common = [restic, "--cacert", cert] if args.https else [restic]
+
+        def env(client: int) -> dict[str, str]:
+            work = root / f"work{client}"
+            return dict(os.environ, RESTIC_PASSWORD=run.RESTIC_PASSWORD, HOME=str(work), XDG_CACHE_HOME=str(work / "cache"),
+                        RESTIC_REPOSITORY=f"rest:{proto}://127.0.0.1:{server.port}/r{client}/")
+
+        for client in range(count):
+            subprocess.run([*common, "init", "-q"], env=env(client), check=True, capture_output=True)
+        before = run.proc_status_kib(server.pid, "VmRSS") or 0
+        run.reset_peak_rss(server.pid)
+        cpu = run.proc_cpu(server.pid)
+        started = time.monotonic()
+        clients = [subprocess.Popen([*common, "backup", "-q", str(tree)], env=env(client), stdout=subprocess.DEVNULL)
+                   for client, tree in enumerate(trees)]
+        failed = [client for client, proc in enumerate(clients) if proc.wait() != 0]
+        elapsed = time.monotonic() - started
+        peak = run.proc_status_kib(server.pid, "VmHWM") or 0
+        cpu = run.proc_cpu(server.pid) - cpu
+        if failed:
+            raise SystemExit(f"hotspots.py: the backups of clients {failed} failed")
+        disk = f"disk writes throttled to {args.disk_mib_s} MiB/s" if group is not None else "disk not throttled"
+        print(f"{count} restic backups of {args.tree_mib} MiB at once over {proto} ({disk}{', ' + args.resticd_args if args.resticd_args else ''}): "
+              f"{elapsed:.1f} s, daemon CPU {cpu:.2f} s, RSS {before / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB")
+    finally:
+        if server is not None:
+            server.stop()
+        if group is not None:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, run.on_sigterm)
@@ -498,6 +602,8 @@ def main(argv: Sequence[str]) -> int:
             h2_receive(args)
         elif args.workload == "h2-send":
             h2_send(args)
+        elif args.workload == "backups":
+            backups(args)
         else:
             served(args)
     except KeyboardInterrupt:
