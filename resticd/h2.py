@@ -439,7 +439,8 @@ class ResticH2Connection(H2Connection):
         if body is not None:
             body.ended = True
         super()._requestEnded(event)
-        self.windows.update(self)
+        if body is not None:
+            self.windows.update(self)  # it wants less now
 
     def openStreamWindow(self, streamID: int, increment: int) -> None:
         # Twisted acknowledges what it handed to the request (each byte once,
