@@ -305,7 +305,7 @@ class _QuietConnection(h2.connection.H2Connection):
     to C{taken} rather than widening its receive window itself.
     """
 
-    def __init__(self, config: h2.config.H2Configuration, taken: Callable[[int], None] = lambda size: None) -> None:
+    def __init__(self, config: h2.config.H2Configuration, taken: Callable[[int], None]) -> None:
         super().__init__(config=config)
         self._inbound_flow_control_window_manager = _LentWindow(taken)
         self.local_settings = Settings(
