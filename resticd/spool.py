@@ -110,17 +110,25 @@ def create_unique(directory: str, mode: int, flags: int = 0) -> tuple[int, str]:
         return fd, path
 
 
+def resume_one(resume: Callable[[], object]) -> bool:
+    """
+    Call C{resume} (an upload waiting for writes to catch up); whether it
+    says it went on. One that fails is logged (and did not go on), and is
+    not reported as the writer's error.
+    """
+    try:
+        return bool(resume())
+    except Exception:
+        log.failure("resuming an upload failed")
+        return False
+
+
 def resume_all(waiting: list[Callable[[], object]]) -> None:
     """
-    Call each of C{waiting} (uploads waiting for their writes to catch up);
-    one that fails is logged, and neither stops the others from resuming
-    nor is reported as the writer's error.
+    Call each of C{waiting}; one that fails does not stop the others.
     """
     for resume in waiting:
-        try:
-            resume()
-        except Exception:
-            log.failure("resuming an upload failed")
+        resume_one(resume)
 
 
 class WriteBudget:
@@ -226,12 +234,7 @@ class WriteBudget:
             while self._waiting and self.used + RESUME_STEP * len(self._coming) < self.limit:
                 resume, spool = self._waiting.pop(0)
                 self._coming.add(spool)  # (it may bring something at once)
-                try:
-                    went_on = resume()
-                except Exception:
-                    log.failure("resuming an upload failed")
-                    went_on = False
-                if not went_on:
+                if not resume_one(resume):
                     self._coming.discard(spool)
         finally:
             self._resuming = False
