@@ -308,7 +308,13 @@ class SpoolingRequest(server.Request):
     def _resume_body(self) -> bool:
         """
         Go on receiving the body, if it still waits and is still wanted;
-        whether it went on.
+        whether it went on reading its own socket, so that a read of up to
+        a MiB may come for it (HTTP/1.1). An HTTP/2 stream that goes on
+        hands over at once what arrived for it meanwhile, and what more its
+        client sends is bounded by the connection windows lent from the
+        pool (L{resticd.windows}): counting it as a read to come could have
+        the budget wait for bytes that its client cannot send, its
+        connection's window filled by uploads still waiting.
         """
         if not self._paused:
             return False
@@ -326,7 +332,7 @@ class SpoolingRequest(server.Request):
             return False
         self._set_deadline(self._limits.body_stall_timeout, "body")
         producer.resumeProducing()
-        return True
+        return producer is not self.channel
 
     def take_spool(self) -> SpoolFile | None:
         """

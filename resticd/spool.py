@@ -38,8 +38,10 @@ log = logger(__name__)
 #: Body bytes are hashed and written in pieces of about this size.
 PIECE = 1 << 20
 
-#: What an upload that goes on after waiting for the L{WriteBudget} is
-#: counted as bringing before it has: a socket read (a MiB under TLS).
+#: What an upload that goes on reading its socket after waiting for the
+#: L{WriteBudget} (HTTP/1.1) is counted as bringing before it has: a socket
+#: read (a MiB under TLS). Over HTTP/2 what comes is bounded by the windows
+#: lent to the connections (L{resticd.windows}) and is not counted ahead.
 RESUME_STEP = 1 << 20
 
 #: What goes through the page cache (small bodies, and every body where the
@@ -148,7 +150,10 @@ class WriteBudget:
     on in turn, as many as the room left takes a read each
     (L{RESUME_STEP}), more as those reads come: all at once, each brought a
     read (a MiB under TLS), and forty uploads waiting took the backlog to
-    40 MiB.
+    40 MiB. (Over HTTP/2 there are no such reads: what a stream that goes on
+    brings is what waited for it, counted at once, and what its client may
+    send, bounded by the connection windows; and counting it ahead could
+    hold back the very uploads whose bytes take its connection's window.)
     """
 
     def __init__(self, limit: int = 12 << 20) -> None:
@@ -179,8 +184,8 @@ class WriteBudget:
     def when_room(self, resume: Callable[[], object], spool: SpoolFile) -> None:
         """
         Call C{resume} (which says whether the upload of C{spool} went on
-        reading) once the backlog is down to half the cap and there is room
-        for a read of its.
+        reading its socket, so that a read may come) once the backlog is
+        down to half the cap and there is room for a read of its.
         """
         self._waiting.append((resume, spool))
         self._hand_over_kept()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from typing import Any
 
 import pytest
@@ -822,3 +823,47 @@ def test_uploads_sharing_a_connection_go_on_when_others_on_it_wait_for_the_write
         uploader.step()
         clock.turn()
     assert uploader.statuses == [b"200"] * 2
+
+
+@given(st.integers(0, 2**32))
+@settings(max_examples=25, deadline=None)
+def test_uploads_waiting_for_the_writes_all_go_on_in_any_order_their_frames_come(tmp_path_factory, seed) -> None:
+    """
+    Four HTTP/2 clients with four uploads each, sending pieces of their
+    bodies in any order while the disk writes a piece per turn and the
+    write budget (2 MiB) and the pool (2 MiB) are small: every upload is
+    answered 200 and stored whole. An upload that goes on over HTTP/2 with
+    nothing arrived for it is not counted as a read to come: before, two
+    such uploads, whose connections' windows were taken by uploads still
+    waiting, had the budget hold back the very uploads that would free
+    those windows, until the clients gave up.
+    """
+    order = random.Random(seed)
+    tmp_path = tmp_path_factory.mktemp("data")
+    runner = HeldWrites()
+    server = make_server(str(tmp_path / "data"), run=runner)
+    server.store.create_repo(("r",))
+    site: Any = server.site
+    site.spool = Spool(server.layout.spool_dir(), 0o600, runner, WriteBudget(limit=2 * PIECE))
+    site.upload_windows = UploadWindows(limit=2 * PIECE, per_connection=PIECE // 2)
+    clock = Turns()
+    base = os.urandom(PIECE)
+    bodies = [base[:-1] + bytes([i]) for i in range(16)]
+    named = [(f"/r/data/{name_of(body)}", body) for body in bodies]
+    uploaders = [Uploader(site, clock, named[i : i + 4]) for i in range(0, len(named), 4)]
+    for _ in range(300):
+        if all(len(uploader.statuses) == 4 for uploader in uploaders):
+            break
+        for uploader in order.sample(uploaders, len(uploaders)):
+            uploader.read()
+            for stream in order.sample(list(uploader.bodies), len(uploader.bodies)):
+                uploader.send(stream, order.choice([16 << 10, 256 << 10, PIECE]))
+            uploader.deliver()
+        if runner.queued:
+            runner.release()
+        clock.turn()
+    assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 4] * len(uploaders)
+    for body in bodies:
+        name = name_of(body)
+        with open(os.path.join(server.layout.root, "r", "data", name[:2], name), "rb") as f:
+            assert f.read() == body
