@@ -746,6 +746,17 @@ class Uploader:
         return all(self.sent[stream] == len(body) for stream, body in self.bodies.items())
 
 
+def assert_stored_whole(server: Any, bodies: list[bytes]) -> None:
+    """
+    Every one of C{bodies} is stored, whole, as a data object of repository
+    C{r}.
+    """
+    for body in bodies:
+        name = name_of(body)
+        with open(os.path.join(server.layout.root, "r", "data", name[:2], name), "rb") as f:
+            assert f.read() == body
+
+
 def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_than_the_pool(tmp_path) -> None:
     """
     Uploads on many HTTP/2 connections (three each, as restic runs several
@@ -783,10 +794,7 @@ def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_th
         for uploader in uploaders:
             uploader.step()
     assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 3] * len(uploaders)
-    for body in bodies:
-        name = name_of(body)
-        with open(os.path.join(server.layout.root, "r", "data", name[:2], name), "rb") as f:
-            assert f.read() == body
+    assert_stored_whole(server, bodies)
 
 
 def test_uploads_sharing_a_connection_go_on_when_others_on_it_wait_for_the_writes(tmp_path) -> None:
@@ -863,7 +871,4 @@ def test_uploads_waiting_for_the_writes_all_go_on_in_any_order_their_frames_come
             runner.release()
         clock.turn()
     assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 4] * len(uploaders)
-    for body in bodies:
-        name = name_of(body)
-        with open(os.path.join(server.layout.root, "r", "data", name[:2], name), "rb") as f:
-            assert f.read() == body
+    assert_stored_whole(server, bodies)
