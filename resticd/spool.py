@@ -161,8 +161,8 @@ class WriteBudget:
         self.used = 0
         self._waiting: list[tuple[Callable[[], object], SpoolFile]] = []
         self._keeping: dict[SpoolFile, None] = {}
-        #: Uploads that went on and have not brought anything yet: each is
-        #: counted as a read on its way.
+        #: Uploads that went on reading their sockets (HTTP/1.1) and have not
+        #: brought anything yet: each is counted as a read on its way.
         self._coming: set[SpoolFile] = set()
         self._resuming = False
 
