@@ -17,8 +17,9 @@ when a client negotiates C{h2} by ALPN. It is also tuned. For uploads, it
 accepts DATA frames of up to 256 KiB with large flow-control windows (so Go
 sends a pack in a few dozen frames, not hundreds), lent to each connection
 from one pool for the site (L{resticd.windows}: up to what its uploads
-announced, an equal share when many upload at once; h2 would widen each
-connection's window on its own), it acknowledges what a stream that ended
+announced, an equal share when many upload at once, and what its client
+brings per round trip, timed with PINGs; h2 would widen each connection's
+window on its own), it acknowledges what a stream that ended
 left unread (Twisted never did, and the connection's window lost it), it
 keeps what arrives for an upload that waits apart from the read it came
 in, it cuts the frames out of
@@ -59,6 +60,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.events
 import priority
 from h2.connection import ConnectionState
 from h2.exceptions import FrameDataMissingError, ProtocolError
@@ -78,7 +80,7 @@ from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtoc
 
 from .deadlines import Deadline
 from .sockets import write_now
-from .windows import BASE_WINDOW, CONNECTION_WINDOW, UploadWindows
+from .windows import BASE_WINDOW, CONNECTION_WINDOW, PING_INTERVAL, RoundTrips, UploadWindows
 
 #: The largest DATA frame resticd accepts (HTTP/2 allows up to 16 MiB - 1).
 MAX_FRAME_SIZE = 256 << 10
@@ -117,6 +119,9 @@ SOCKET_SEND_SIZE = 1 << 20
 HEADERS_SEARCH = 64 << 10
 #: DATA frames sent per reactor turn, at most, before other work gets a turn.
 FRAMES_PER_TURN = 16
+#: What resticd's PINGs carry (HTTP/2 wants 8 bytes), to tell their
+#: acknowledgements from those of anything else.
+PING_DATA = b"resticd\x00"
 
 #: An HTTP/2 frame header: length (24 bits), type, flags, stream.
 _FRAME_HEADER = struct.Struct(">HBBBL")
@@ -301,12 +306,16 @@ class _QuietConnection(h2.connection.H2Connection):
     whole payload), receiving through L{_FrameBuffer}, and allowing
     L{MAX_STREAMS} streams at once from the start (h2 enforces its 100 from
     the start, and a new limit only once the client acknowledges it, which
-    a client that reads nothing never does), and handing the bytes taken in
-    to C{taken} rather than widening its receive window itself.
+    a client that reads nothing never does), handing the bytes taken in to
+    C{taken} rather than widening its receive window itself, and the data of
+    each acknowledged PING to C{pinged} (Twisted ignores them).
     """
 
-    def __init__(self, config: h2.config.H2Configuration, taken: Callable[[int], None]) -> None:
+    def __init__(
+        self, config: h2.config.H2Configuration, taken: Callable[[int], None], pinged: Callable[[bytes], None]
+    ) -> None:
         super().__init__(config=config)
+        self._pinged = pinged
         self._inbound_flow_control_window_manager = _LentWindow(taken)
         self.local_settings = Settings(
             client=False,
@@ -322,6 +331,13 @@ class _QuietConnection(h2.connection.H2Connection):
         if frame.__class__ is DataFrame:
             frame.__class__ = _QuietDataFrame
         return super()._receive_frame(frame)
+
+    def receive_data(self, data: Any) -> list[h2.events.Event]:
+        events = super().receive_data(data)
+        for event in events:
+            if isinstance(event, h2.events.PingAckReceived):
+                self._pinged(event.ping_data)
+        return events
 
 
 def announce_settings(conn: h2.connection.H2Connection) -> None:
@@ -363,11 +379,17 @@ class ResticH2Connection(H2Connection):
         super().__init__(reactor)
         self.priority = _SendablePriorityTree(self._can_send)
         self.conn = _QuietConnection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None), self._taken
+            h2.config.H2Configuration(client_side=False, header_encoding=None), self._taken, self._pinged
         )
         #: Where the connection's window for uploads is lent from (one pool
         #: for the whole site; see L{resticd.windows}).
         self.windows = windows if windows is not None else UploadWindows()
+        #: What the client brings per round trip (how much of the pool the
+        #: connection may use).
+        self.round_trips = RoundTrips()
+        #: When the PING under way was sent (None: none is), and the last one.
+        self._ping_sent: float | None = None
+        self._last_ping = float("-inf")
         self._bodies: dict[int, _Body] = {}
         self._receiving = False
 
@@ -375,6 +397,7 @@ class ResticH2Connection(H2Connection):
         super().connectionMade()
         self.windows.join(self)
         announce_settings(self.conn)
+        self._ping()
         transport: Any = self.transport
         transport.write(self.conn.data_to_send())
 
@@ -409,10 +432,47 @@ class ResticH2Connection(H2Connection):
             # (While a read is handled, Twisted sends it after.)
             self._tryToWriteControlData()
 
+    def reach(self) -> int:
+        """
+        The most window the client can use (see L{RoundTrips.reach}).
+        """
+        return self.round_trips.reach()
+
     def _taken(self, size: int) -> None:
         # h2 counted C{size} bytes as taken in (acknowledged): their credit
         # goes back to the pool.
+        self.round_trips.taken(size, self._reactor.seconds())
         self.windows.taken(self, size)
+        self._measure_round_trip()
+
+    def _measure_round_trip(self) -> None:
+        """
+        Time the round trip again if the connection has uploads and the
+        last PING went out more than L{PING_INTERVAL} ago and was answered.
+        """
+        if self._ping_sent is not None or not self._bodies:
+            return
+        if self._reactor.seconds() - self._last_ping < PING_INTERVAL:
+            return
+        if self.conn.state_machine.state is not ConnectionState.CLOSED:
+            self._ping()
+            if not self._receiving:
+                self._tryToWriteControlData()
+
+    def _ping(self) -> None:
+        """
+        Queue a PING, whose answer times the round trip (see L{_pinged}).
+        """
+        self._ping_sent = self._last_ping = self._reactor.seconds()
+        self.conn.ping(PING_DATA)
+
+    def _pinged(self, data: bytes) -> None:
+        sent = self._ping_sent
+        if data != PING_DATA or sent is None:
+            return
+        self._ping_sent = None
+        self.round_trips.measured(max(0.0, self._reactor.seconds() - sent))
+        self.windows.update(self)  # it may use more now
 
     def dataReceived(self, data: bytes) -> None:
         self._receiving = True
@@ -588,6 +648,7 @@ class ResticH2Connection(H2Connection):
         if event.stream_ended is None:
             self._bodies[event.stream_id] = _Body(content_length(event.headers))
             self.windows.update(self)
+            self._measure_round_trip()
 
     def _requestDone(self, streamID: int) -> None:
         # What arrived for a stream that ended without reading it (reset,

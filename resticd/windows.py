@@ -11,10 +11,14 @@ over HTTP/2 only the window stops it. So the windows are lent from a pool
 (L{UploadWindows}), only to connections with upload bytes still to come, no
 further than those bytes (a body's C{Content-Length}), at most
 L{CONNECTION_WINDOW} each and an equal share of the pool when many
-connections upload at once; credit comes back as resticd takes the bytes in.
-Every connection keeps HTTP/2's initial window (L{BASE_WINDOW}, which cannot
-be taken back) outside the pool, so none is ever starved, however many
-connections share it.
+connections upload at once, and no further than its client can bring in
+four round trips at the rate resticd took its bytes in lately
+(L{RoundTrips}; L{FLOOR} at least): a client nearby whose uploads wait for
+the disk needs little window, one far away as much as the bytes it can have
+under way. Credit comes back as resticd takes the bytes in. Every connection
+keeps HTTP/2's initial window (L{BASE_WINDOW}, which cannot be taken back)
+outside the pool, so none is ever starved, however many connections share
+it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,24 @@ CONNECTION_WINDOW = 16 << 20
 #: L{BASE_WINDOW}s: a single client gets L{CONNECTION_WINDOW}, two get as
 #: much each, eight a quarter of it.
 UPLOAD_WINDOWS = 32 << 20
+#: The least window a connection with uploads is aimed at, however little
+#: its client brings per round trip (what Go's HTTP/2 server, and so
+#: rest-server, lends every connection).
+FLOOR = 1 << 20
+#: A connection's window aims at this many round trips' worth of what its
+#: client brought lately: room to go faster, should the window have been
+#: what held it back.
+GAIN = 4
+#: Seconds between two measures of a connection's round trip while it
+#: uploads (an HTTP/2 PING, 17 bytes each way).
+PING_INTERVAL = 1.0
+#: The shortest time over which what a client brought is measured, in
+#: seconds (a connection nearby has round trips of a fraction of one).
+RATE_INTERVAL = 0.01
+#: What each new measure of a client's rate keeps of the previous one, when
+#: the new one is lower (uploads come in bursts: the window follows the
+#: highest rate of the last few measures).
+RATE_DECAY = 0.75
 
 
 class Borrower(Protocol):
@@ -47,6 +69,58 @@ class Borrower(Protocol):
         """
         Widen the connection's window by C{size} bytes (a WINDOW_UPDATE).
         """
+
+    def reach(self) -> int:
+        """
+        The most window its client can use: see L{RoundTrips.reach}.
+        """
+
+
+class RoundTrips:
+    """
+    What one connection's client brings per round trip: its round-trip time
+    (from HTTP/2 PINGs, smoothed as TCP does) and the rate at which resticd
+    took its upload bytes in (the highest of the last few measures, each
+    over a round trip or L{RATE_INTERVAL}, whichever is longer).
+    """
+
+    def __init__(self) -> None:
+        #: The smoothed round-trip time, in seconds (None: not measured).
+        self.rtt: float | None = None
+        #: Bytes per second.
+        self.rate = 0.0
+        self._since: float | None = None
+        self._bytes = 0
+
+    def measured(self, seconds: float) -> None:
+        """
+        A round trip took C{seconds}.
+        """
+        self.rtt = seconds if self.rtt is None else self.rtt + (seconds - self.rtt) / 8
+
+    def taken(self, size: int, now: float) -> None:
+        """
+        C{size} bytes of the client's were taken in at time C{now}.
+        """
+        if self._since is None:
+            self._since = now
+            return
+        self._bytes += size
+        elapsed = now - self._since
+        if elapsed >= max(self.rtt or 0.0, RATE_INTERVAL):
+            self.rate = max(self._bytes / elapsed, self.rate * RATE_DECAY)
+            self._since = now
+            self._bytes = 0
+
+    def reach(self) -> int:
+        """
+        The window that lets the client bring L{GAIN} round trips' worth of
+        bytes at its recent rate, and at least L{FLOOR}; L{FLOOR} until a
+        round trip has been timed (a client that answers no PING).
+        """
+        if self.rtt is None:
+            return FLOOR
+        return max(FLOOR, int(GAIN * self.rate * self.rtt))
 
 
 def grant(held: int, wanted: int, share: int, room: int) -> int:
@@ -150,7 +224,7 @@ class UploadWindows:
 
     def _top_up(self, borrower: Borrower, wanted: int) -> None:
         held = self._held[borrower]
-        share = self.share()
+        share = min(self.share(), borrower.reach())
         room = BASE_WINDOW + self.limit - self.used + _charge(held)
         size = grant(held, wanted, share, room)
         if size:

@@ -13,10 +13,10 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, Event, ResponseReceived
+from h2.events import DataReceived, Event, PingReceived, ResponseReceived
 from h2.exceptions import FrameTooLargeError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, PingFrame
 from hypothesis import given, settings
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -29,13 +29,14 @@ from hypothesis import strategies as st
 from resticd.h2 import (
     MAX_FRAME_SIZE,
     MAX_STREAMS,
+    PING_DATA,
     STREAM_WINDOW,
     ResticH2Connection,
     announce_settings,
     reserve,
 )
 from resticd.spool import PIECE, Spool, WriteBudget
-from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, UploadWindows
+from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, FLOOR, PING_INTERVAL, RoundTrips, UploadWindows
 
 from .web import HeldWrites, make_server, name_of
 
@@ -399,13 +400,14 @@ def test_a_new_connection_offers_large_frames_and_lends_windows_to_uploads() -> 
     64 KiB, would have Go send a restic pack in hundreds of frames and stall
     on each window). The connection's window stays HTTP/2's 64 KiB while
     the client only asks for things; an upload has it widened as far as its
-    Content-Length, a further one up to 16 MiB.
+    Content-Length, a further one up to 1 MiB until the connection's round
+    trip is timed.
     """
     channel, client, transport = waiting_connection()
     assert client.max_outbound_frame_size == MAX_FRAME_SIZE == 256 << 10
     asked = [(":method", "GET"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")]
     client.send_headers(1, asked, end_stream=True)
-    for stream, length, window in ((3, 3 << 20, 3 << 20), (5, 64 << 20, CONNECTION_WINDOW)):
+    for stream, length, window in ((3, 512 << 10, 512 << 10), (5, 64 << 20, FLOOR)):
         transport.clear()
         channel.dataReceived(client.data_to_send())
         assert client.outbound_flow_control_window == BASE_WINDOW if stream == 3 else window
@@ -414,8 +416,8 @@ def test_a_new_connection_offers_large_frames_and_lends_windows_to_uploads() -> 
         channel.dataReceived(client.data_to_send())
         client.receive_data(transport.value())
         assert client.outbound_flow_control_window == window
-    assert CONNECTION_WINDOW == 16 << 20
-    assert client.local_flow_control_window(5) == STREAM_WINDOW == 4 << 20
+    assert FLOOR == 1 << 20
+    assert client.remote_settings.initial_window_size == STREAM_WINDOW == 4 << 20
     channel.connectionLost(Failure(ConnectionDone()))
 
 
@@ -430,17 +432,59 @@ def test_what_a_reset_upload_left_unread_goes_back_to_the_connections_window() -
     client.send_headers(1, upload + [("content-length", str(8 << 20))])
     server.dataReceived(client.data_to_send())
     client.receive_data(transport.value())
-    assert client.outbound_flow_control_window == 8 << 20
+    assert client.outbound_flow_control_window == FLOOR
     send_what_the_window_allows(client, 1)
     server.dataReceived(client.data_to_send())
-    assert client.outbound_flow_control_window == 4 << 20  # 4 MiB sent, left unread
+    assert client.outbound_flow_control_window == 0  # all sent, left unread
     client.reset_stream(1)
     client.send_headers(3, upload + [("content-length", str(8 << 20))])
     transport.clear()
     server.dataReceived(client.data_to_send())
     client.receive_data(transport.value())
-    assert client.outbound_flow_control_window == 8 << 20
-    assert server.windows.held(server) == 8 << 20
+    assert client.outbound_flow_control_window == FLOOR
+    assert server.windows.held(server) == FLOOR
+    server.connectionLost(Failure(ConnectionDone()))
+
+
+def pings(client: H2Connection, transport: StringTransport) -> list[bytes]:
+    """
+    The data of the PINGs the server sent C{client} (which answers them).
+    """
+    events = client.receive_data(transport.value())
+    transport.clear()
+    return [event.ping_data for event in events if isinstance(event, PingReceived)]
+
+
+def test_a_connection_has_its_round_trip_timed_as_it_starts_and_while_it_uploads() -> None:
+    """
+    A new connection has resticd send its client a PING, whose answer times
+    the connection's round trip; later ones go out as uploads come, once a
+    second at most and never while one is under way, and none while the
+    client only asks for things; a PING answer resticd did not ask for is
+    not taken for one.
+    """
+    server, client, transport = waiting_connection()  # the client read the PING
+    clock: Any = server._reactor
+    clock.advance(0.01)
+    server.dataReceived(PingFrame(0, b"another!", flags=["ACK"]).serialize())
+    assert server.round_trips.rtt is None
+    upload = [(":method", "POST"), (":path", "/r/data/y"), (":scheme", "https"), (":authority", "h")]
+    client.send_headers(1, upload + [("content-length", str(8 << 20))])
+    clock.advance(0.03)
+    server.dataReceived(client.data_to_send())  # the answer, and an upload
+    assert server.round_trips.rtt == pytest.approx(0.04)
+    assert pings(client, transport) == []
+    clock.advance(0.5)
+    server.dataReceived(PingFrame(0, PING_DATA, flags=["ACK"]).serialize())
+    assert server.round_trips.rtt == pytest.approx(0.04)
+    clock.advance(PING_INTERVAL)
+    asked = [(":method", "GET"), (":path", "/r/data/x"), (":scheme", "https"), (":authority", "h")]
+    client.send_headers(3, asked, end_stream=True)
+    server.dataReceived(client.data_to_send())
+    assert pings(client, transport) == []
+    client.send_headers(5, upload + [("content-length", str(8 << 20))])
+    server.dataReceived(client.data_to_send())
+    assert pings(client, transport) == [PING_DATA]
     server.connectionLost(Failure(ConnectionDone()))
 
 
@@ -713,10 +757,16 @@ class Uploader:
         """
         Read what the server sent.
         """
-        for event in self.client.receive_data(self.transport.value()):
+        self.receive(self.transport.value())
+        self.transport.clear()
+
+    def receive(self, data: bytes) -> None:
+        """
+        Read C{data}, sent by the server.
+        """
+        for event in self.client.receive_data(data):
             if isinstance(event, ResponseReceived):
                 self.statuses.append(dict(event.headers)[b":status"])
-        self.transport.clear()
 
     def send(self, stream: int, most: int = 1 << 40) -> int:
         """
@@ -757,29 +807,46 @@ def assert_stored_whole(server: Any, bodies: list[bytes]) -> None:
             assert f.read() == body
 
 
-def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_than_the_pool(tmp_path) -> None:
+class FarAway(RoundTrips):
+    """
+    A client whose round trips are long enough for it to use all the window
+    it is lent.
+    """
+
+    def reach(self) -> int:
+        return CONNECTION_WINDOW
+
+
+@pytest.mark.parametrize("far", [True, False], ids=["far-away", "nearby"])
+def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_than_the_pool(tmp_path, far) -> None:
     """
     Uploads on many HTTP/2 connections (three each, as restic runs several
     at once) while resticd's writes wait (a disk slower than the network):
-    their clients together get to send no more than the pool lends, beyond
-    HTTP/2's initial 64 KiB each, and what the writes may have queued, where
-    each connection's own window let its client send up to 16 MiB into
-    memory. Once the writes go on, every upload is answered 200 and stored
-    whole.
+    their clients together get to send no more than the pool lends (clients
+    far away) or a MiB each (clients nearby, whose bytes a MiB of window
+    per round trip brings faster than the disk takes them), beyond HTTP/2's
+    initial 64 KiB each, and what the writes may have queued, where each
+    connection's own window let its client send up to 16 MiB into memory.
+    Once the writes go on, every upload is answered 200 and stored whole.
     """
     runner = HeldWrites()
     server = make_server(str(tmp_path / "data"), run=runner)
     server.store.create_repo(("r",))
     site: Any = server.site
-    lent = 8 << 20
-    site.upload_windows = UploadWindows(limit=lent)
+    if far:
+        site.upload_windows = UploadWindows(limit=8 << 20)
     clock = Turns()
     base = os.urandom(6 << 20)
     bodies = [base[:-1] + bytes([i]) for i in range(12)]
     named = [(f"/r/data/{name_of(body)}", body) for body in bodies]
     uploaders = [Uploader(site, clock, named[i : i + 3]) for i in range(0, len(named), 3)]
+    for uploader in uploaders if far else []:
+        uploader.server.round_trips = FarAway()
+        site.upload_windows.update(uploader.server)
     while sum(uploader.step() for uploader in uploaders):
+        clock.advance(0.001)
         clock.turn()
+    lent = site.upload_windows.limit if far else len(uploaders) * FLOOR
     queued = site.spool.budget.limit + len(bodies) * PIECE
     sent = sum(sum(uploader.sent.values()) for uploader in uploaders)
     assert sent <= lent + len(uploaders) * BASE_WINDOW + queued
@@ -794,6 +861,49 @@ def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_th
         for uploader in uploaders:
             uploader.step()
     assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 3] * len(uploaders)
+    assert_stored_whole(server, bodies)
+
+
+def test_a_client_far_away_is_lent_what_it_brings_per_round_trip(tmp_path) -> None:
+    """
+    A client 100 ms away (HTTP/2 frames delayed 50 ms each way) uploading
+    32 MiB on four streams, the disk keeping up: once its round trip is
+    timed, its connection is lent four round trips' worth of the rate its
+    bytes come at, which grows with the window, up to 16 MiB. Its uploads
+    take less than 16 round trips, where a window of a MiB, what a client
+    nearby gets, would take 32, and are stored whole.
+    """
+    server = make_server(str(tmp_path / "data"))
+    server.store.create_repo(("r",))
+    site: Any = server.site
+    clock = Turns()
+    base = os.urandom(8 << 20)
+    bodies = [base[:-1] + bytes([i]) for i in range(4)]
+    uploader = Uploader(site, clock, [(f"/r/data/{name_of(body)}", body) for body in bodies])
+    delay, tick = 0.05, 0.005
+    to_server: list[tuple[float, bytes]] = []
+    to_client: list[tuple[float, bytes]] = []
+    lent = 0
+    while uploader.statuses != [b"200"] * 4 and clock.seconds() < 5:
+        now = clock.seconds()
+        while to_client and to_client[0][0] <= now:
+            uploader.receive(to_client.pop(0)[1])
+        for stream in uploader.bodies:
+            uploader.send(stream)
+        if sent := uploader.client.data_to_send():
+            to_server.append((now + delay, sent))
+        while to_server and to_server[0][0] <= now:
+            uploader.server.dataReceived(to_server.pop(0)[1])
+        if answered := uploader.transport.value():
+            to_client.append((now + delay, answered))
+        uploader.transport.clear()
+        lent = max(lent, site.upload_windows.held(uploader.server))
+        clock.advance(tick)
+        clock.turn()
+    assert uploader.statuses == [b"200"] * 4
+    assert uploader.server.round_trips.rtt == pytest.approx(2 * delay, abs=2 * tick)
+    assert lent > 8 * FLOOR
+    assert clock.seconds() < 16 * 2 * delay
     assert_stored_whole(server, bodies)
 
 

@@ -8,18 +8,30 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, UPLOAD_WINDOWS, UploadWindows, grant
+from resticd.windows import (
+    BASE_WINDOW,
+    CONNECTION_WINDOW,
+    FLOOR,
+    GAIN,
+    RATE_DECAY,
+    UPLOAD_WINDOWS,
+    RoundTrips,
+    UploadWindows,
+    grant,
+)
 
 MiB = 1 << 20
 
 
 class Connection:
     """
-    A connection that wants C{wanted} bytes and notes what it was lent.
+    A connection that wants C{wanted} bytes, whose client can use a window
+    of C{reach}, and notes what it was lent.
     """
 
-    def __init__(self, wanted: int = 0) -> None:
+    def __init__(self, wanted: int = 0, reach: int = CONNECTION_WINDOW) -> None:
         self._wanted = wanted
+        self._reach = reach
         self.widened: list[int] = []
 
     def wanted(self) -> int:
@@ -27,6 +39,9 @@ class Connection:
 
     def widen(self, size: int) -> None:
         self.widened.append(size)
+
+    def reach(self) -> int:
+        return self._reach
 
     def sends(self, pool: UploadWindows, size: int) -> None:
         """
@@ -140,3 +155,84 @@ def test_a_closed_connection_gives_back_all_it_held() -> None:
     assert pool.held(waiting) == 4 * MiB and pool.used <= pool.limit
     pool.leave(waiting)
     assert pool.used == 0
+
+
+def brought(trips: RoundTrips, size: int, every: float, times: int, start: float = 0.0) -> float:
+    """
+    Have C{trips} take in C{size} bytes every C{every} seconds, C{times}
+    times from C{start}: the time after the last.
+    """
+    now = start
+    for _ in range(times):
+        trips.taken(size, now)
+        now += every
+    return now
+
+
+def test_a_client_whose_round_trip_is_not_timed_yet_can_use_the_floor() -> None:
+    """
+    Until a round trip of its connection has been timed, a client is aimed
+    at the floor (1 MiB, what Go's HTTP/2 server lends), however fast its
+    bytes come.
+    """
+    trips = RoundTrips()
+    assert trips.reach() == FLOOR == MiB
+    brought(trips, 4 * MiB, 0.01, 100)
+    assert trips.rate > 100 * MiB
+    assert trips.reach() == FLOOR
+
+
+def test_a_client_is_aimed_at_four_round_trips_of_what_it_brings() -> None:
+    """
+    A client 125 ms away whose bytes are taken in at 16 MiB/s can use a
+    window of 8 MiB (four round trips' worth); one nearby (0.2 ms) at
+    256 MiB/s, or one far away whose uploads wait for a slow disk
+    (1 MiB/s), the floor.
+    """
+    assert GAIN == 4
+    for rtt, size, every, reach in (
+        (0.125, 2 * MiB, 0.125, 8 * MiB),
+        (0.0002, 4 * MiB, 1 / 64, FLOOR),
+        (0.125, MiB, 1.0, FLOOR),
+    ):
+        trips = RoundTrips()
+        trips.measured(rtt)
+        brought(trips, size, every, 20)
+        assert trips.rtt == rtt
+        assert trips.reach() == max(FLOOR, int(GAIN * rtt * size / every)) == reach
+
+
+def test_round_trips_are_smoothed_and_rates_follow_the_highest_recent_measure() -> None:
+    """
+    A round trip's time moves by an eighth towards each new measure (one
+    slow PING answer does not double the window); when a client's bytes
+    come slower, its window shrinks over a few measures of its rate, not at
+    the first: uploads come in bursts.
+    """
+    trips = RoundTrips()
+    trips.measured(0.1)
+    trips.measured(0.9)
+    assert trips.rtt == 0.1 + 0.8 / 8
+    trips = RoundTrips()
+    trips.measured(0.125)
+    now = brought(trips, 8 * MiB, 0.125, 20)
+    assert trips.rate == 64 * MiB
+    now = brought(trips, MiB, 0.125, 1, start=now)
+    assert trips.rate == 64 * MiB * RATE_DECAY
+    brought(trips, MiB, 0.125, 20, start=now)
+    assert trips.rate == 8 * MiB
+
+
+def test_a_connection_is_lent_no_more_than_its_client_can_use() -> None:
+    """
+    A lone connection whose uploads announced 64 MiB is lent no further
+    than its client can use (its reach), and more once that grows.
+    """
+    pool = UploadWindows()
+    connection = Connection(64 * MiB, reach=FLOOR)
+    pool.join(connection)
+    pool.update(connection)
+    assert pool.held(connection) == FLOOR
+    connection._reach = 8 * MiB
+    pool.update(connection)
+    assert pool.held(connection) == 8 * MiB
