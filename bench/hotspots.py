@@ -70,6 +70,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small, list), MiB (h2-receive, h2-send) or restic clients (backups); defaults: 128, 128, 20000, 20000, 2000, 10000, 50000, 512, 256, 8")
     parser.add_argument("--disk-mib-s", type=int, default=30, help="backups: the daemon's disk writes are throttled to this many MiB/s (default 30; 0: not throttled)")
     parser.add_argument("--tree-mib", type=int, default=64, help="backups: MiB of random files each client backs up (default 64)")
+    parser.add_argument("--delay-ms", type=float, default=0, help="backups: the clients reach the daemon through bench/delay.py, which delays every byte this many ms each way (default 0: directly)")
     parser.add_argument("--objects", type=int, default=16,
                         help="8 MiB objects that range and HEAD requests spread over (default 16; bench/run.py uses 128, "
                              "whose page-cache pages are then mostly out of the CPU caches)")
@@ -527,8 +528,8 @@ def throttled(pid: int, device: str, rate: int) -> Path | None:
 def backups(args: argparse.Namespace) -> None:
     """
     N restic clients back up at once, each its own tree of random files,
-    to one daemon whose disk writes are throttled: the daemon's peak
-    resident size, and how long it took.
+    to one daemon whose disk writes are throttled, directly or through
+    bench/delay.py: the daemon's peak resident size, and how long it took.
     """
     from resticd.certs import write_self_signed
 
@@ -540,6 +541,7 @@ def backups(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="resticd-profile-"))
     server = None
     group = None
+    proxy = None
     try:
         cert, key = write_self_signed(str(root / "tls"))
         rnd = random.Random(7)
@@ -558,11 +560,17 @@ def backups(args: argparse.Namespace) -> None:
         if args.disk_mib_s > 0:
             group = throttled(server.pid, device, args.disk_mib_s * run.MiB)
         common = [restic, "--cacert", cert] if args.https else [restic]
+        port = server.port
+        if args.delay_ms > 0:
+            proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay.py")), "--to", str(port), "--delay-ms", str(args.delay_ms)],
+                                     stdout=subprocess.PIPE, text=True)
+            assert proxy.stdout is not None
+            port = int(proxy.stdout.readline().split()[-1])
 
         def env(client: int) -> dict[str, str]:
             work = root / f"work{client}"
             return dict(os.environ, RESTIC_PASSWORD=run.RESTIC_PASSWORD, HOME=str(work), XDG_CACHE_HOME=str(work / "cache"),
-                        RESTIC_REPOSITORY=f"rest:{proto}://127.0.0.1:{server.port}/r{client}/")
+                        RESTIC_REPOSITORY=f"rest:{proto}://127.0.0.1:{port}/r{client}/")
 
         for client in range(count):
             subprocess.run([*common, "init", "-q"], env=env(client), check=True, capture_output=True)
@@ -579,9 +587,14 @@ def backups(args: argparse.Namespace) -> None:
         if failed:
             raise SystemExit(f"hotspots.py: the backups of clients {failed} failed")
         disk = f"disk writes throttled to {args.disk_mib_s} MiB/s" if group is not None else "disk not throttled"
+        if proxy is not None:
+            disk += f", {2 * args.delay_ms:g} ms round trips"
         print(f"{count} restic backups of {args.tree_mib} MiB at once over {proto} ({disk}{', ' + args.resticd_args if args.resticd_args else ''}): "
               f"{elapsed:.1f} s, daemon CPU {cpu:.2f} s, RSS {before / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB")
     finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(timeout=10)
         if server is not None:
             server.stop()
         if group is not None:
