@@ -28,8 +28,8 @@ from typing import Protocol
 #: HTTP/2's initial connection window (RFC 9113, 6.9.2): what every client
 #: may send before any window update.
 BASE_WINDOW = 65_535
-#: The most one connection may have in flight (a single restic client gets
-#: all of it; Go's HTTP/2 server lends 1 MiB).
+#: The most one connection may have in flight (a lone restic client far
+#: enough away gets all of it; Go's HTTP/2 server lends 1 MiB).
 CONNECTION_WINDOW = 16 << 20
 #: What all connections together may have in flight beyond their
 #: L{BASE_WINDOW}s: a single client gets L{CONNECTION_WINDOW}, two get as

@@ -840,9 +840,10 @@ def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_th
     bodies = [base[:-1] + bytes([i]) for i in range(12)]
     named = [(f"/r/data/{name_of(body)}", body) for body in bodies]
     uploaders = [Uploader(site, clock, named[i : i + 3]) for i in range(0, len(named), 3)]
-    for uploader in uploaders if far else []:
-        uploader.server.round_trips = FarAway()
-        site.upload_windows.update(uploader.server)
+    if far:
+        for uploader in uploaders:
+            uploader.server.round_trips = FarAway()
+            site.upload_windows.update(uploader.server)
     while sum(uploader.step() for uploader in uploaders):
         clock.advance(0.001)
         clock.turn()
