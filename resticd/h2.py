@@ -428,8 +428,14 @@ class ResticH2Connection(H2Connection):
         if self.conn.state_machine.state is ConnectionState.CLOSED:
             return  # (closing: the pool gets it back when it is closed)
         self.conn.increment_flow_control_window(size)
+        self._send_control()
+
+    def _send_control(self) -> None:
+        """
+        Send what h2 queued (window updates, PINGs) now, unless a read is
+        being handled: Twisted sends it after.
+        """
         if not self._receiving:
-            # (While a read is handled, Twisted sends it after.)
             self._tryToWriteControlData()
 
     def reach(self) -> int:
@@ -456,8 +462,7 @@ class ResticH2Connection(H2Connection):
             return
         if self.conn.state_machine.state is not ConnectionState.CLOSED:
             self._ping()
-            if not self._receiving:
-                self._tryToWriteControlData()
+            self._send_control()
 
     def _ping(self) -> None:
         """
@@ -659,8 +664,7 @@ class ResticH2Connection(H2Connection):
         if body is not None and self._stillProducing:
             if body.unacked:
                 self.conn.acknowledge_received_data(body.unacked, streamID)
-                if not self._receiving:
-                    self._tryToWriteControlData()
+                self._send_control()
             elif not body.ended:
                 self.windows.update(self)
 

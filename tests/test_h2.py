@@ -738,6 +738,8 @@ class Uploader:
         self.bodies = {1 + 2 * i: body for i, (_, body) in enumerate(bodies)}
         self.sent = dict.fromkeys(self.bodies, 0)
         self.statuses: list[bytes] = []
+        #: The PINGs the server sent (the client answers them).
+        self.pings = 0
         for stream, (path, body) in zip(self.bodies, bodies):
             request = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", "h")]
             self.client.send_headers(stream, request + [("content-length", str(len(body)))])
@@ -767,6 +769,8 @@ class Uploader:
         for event in self.client.receive_data(data):
             if isinstance(event, ResponseReceived):
                 self.statuses.append(dict(event.headers)[b":status"])
+            elif isinstance(event, PingReceived):
+                self.pings += 1
 
     def send(self, stream: int, most: int = 1 << 40) -> int:
         """
@@ -906,6 +910,31 @@ def test_a_client_far_away_is_lent_what_it_brings_per_round_trip(tmp_path) -> No
     assert lent > 8 * FLOOR
     assert clock.seconds() < 16 * 2 * delay
     assert_stored_whole(server, bodies)
+
+
+def test_an_upload_under_way_has_its_round_trip_timed_again_once_a_second(tmp_path) -> None:
+    """
+    While an upload goes on, without new requests, its connection's round
+    trip is timed again about once a second (an upload of four seconds: a
+    PING as the connection starts and three or four more), so that the
+    window follows a client whose path changes.
+    """
+    server = make_server(str(tmp_path / "data"))
+    server.store.create_repo(("r",))
+    site: Any = server.site
+    clock = Turns()
+    body = os.urandom(16 * (256 << 10))
+    uploader = Uploader(site, clock, [(f"/r/data/{name_of(body)}", body)])
+    while not uploader.done():
+        uploader.read()
+        uploader.send(1, 256 << 10)
+        uploader.deliver()
+        clock.advance(0.25)
+        clock.turn()
+    uploader.step()
+    assert uploader.statuses == [b"200"]
+    assert 4 <= uploader.pings <= 5
+    assert_stored_whole(server, [body])
 
 
 def test_uploads_sharing_a_connection_go_on_when_others_on_it_wait_for_the_writes(tmp_path) -> None:
