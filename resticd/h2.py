@@ -46,7 +46,8 @@ answer read whole and written at once is so only while it fits in those
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDataReceived}, C{_requestEnded},
 C{_requestDone}, C{openStreamWindow}, C{remainingOutboundWindow},
-C{H2Stream.producing}) and on h2's flow-control and state attributes, its
+C{_tryToWriteControlData}, C{_reactor}, C{H2Stream.producing}) and on h2's
+flow-control and state attributes, its
 connection's C{WindowManager} and its C{FrameBuffer}; setup.py pins the
 Twisted and h2 versions they were tested with.
 """
