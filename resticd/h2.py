@@ -21,12 +21,11 @@ announced, an equal share when many upload at once, and what its client
 brings per round trip, timed with PINGs; h2 would widen each connection's
 window on its own), it acknowledges what a stream that ended
 left unread (Twisted never did, and the connection's window lost it), it
-keeps what arrives for an upload that waits apart from the read it came
-in, it cuts the frames out of
-each read as it came (L{_FrameBuffer}: once, where h2 copies each frame's
-bytes three times, or not at all for a frame that arrived whole in an
-immutable read) and it does not build a hex dump of every DATA frame for h2's
-trace log, which is off. For downloads, it
+cuts the frames out of each read as it came (L{_FrameBuffer}: each frame's
+bytes are copied once, where h2 copies them three times; an upload's bytes
+are copies of their own, so that those kept for a slow disk do not keep
+the whole read they came in) and it does not build a hex dump of every
+DATA frame for h2's trace log, which is off. For downloads, it
 sends up to 16 DATA frames per reactor iteration instead of one and hands them
 to the transport (TLS) in one write, it sends each piece of a response as a
 stream's frames in a row (the priority tree is asked once per piece, not
@@ -46,10 +45,9 @@ answer read whole and written at once is so only while it fits in those
 C{_outboundStreamQueues}, C{_sendingDeferred}, C{_consumerBlocked},
 C{_requestReceived}, C{_requestDataReceived}, C{_requestEnded},
 C{_requestDone}, C{openStreamWindow}, C{remainingOutboundWindow},
-C{_tryToWriteControlData}, C{_reactor}, C{H2Stream.producing}) and on h2's
-flow-control and state attributes, its
-connection's C{WindowManager} and its C{FrameBuffer}; setup.py pins the
-Twisted and h2 versions they were tested with.
+C{_tryToWriteControlData}, C{_reactor}) and on h2's flow-control and state
+attributes, its connection's C{WindowManager} and its C{FrameBuffer};
+setup.py pins the Twisted and h2 versions they were tested with.
 """
 
 from __future__ import annotations
@@ -177,14 +175,15 @@ class _FrameBuffer(FrameBuffer):
     are parsed from a view of the data as it came (h2 appends all of it to
     one buffer, copies each frame out of it, then shifts the rest down), and
     only the start of a frame that has not fully arrived is kept for the next
-    read, topped up with just the bytes that frame lacks. The payload of an
-    unpadded DATA frame that arrived whole in a read of C{bytes} (which the
-    TLS layer hands on) is a view of the read, not a copy. A frame longer than
-    allowed is refused on its header, not once all of it has arrived; allowed
-    is what C{limit} says when the header is read, so that frames sent after
-    the client acknowledged a larger size are taken even when the
-    acknowledgement came in the same read (h2 compares with the size allowed
-    when the read began).
+    read, topped up with just the bytes that frame lacks. Each payload is a
+    copy of its own (hyperframe's), not a view of the read: an upload's
+    bytes kept for its writes would keep all of the read alive (up to a
+    MiB, other streams' bytes too), uncounted by the write budget. A frame
+    longer than allowed is refused on its header, not once all of it has
+    arrived; allowed is what C{limit} says when the header is read, so that
+    frames sent after the client acknowledged a larger size are taken even
+    when the acknowledgement came in the same read (h2 compares with the
+    size allowed when the read began).
     """
 
     def __init__(self, limit: Callable[[], int]) -> None:
@@ -192,7 +191,6 @@ class _FrameBuffer(FrameBuffer):
         self._limit = limit
         self._view = memoryview(b"")
         self._at = 0
-        self._immutable = False
 
     def add_data(self, data: Any) -> None:
         if self._preamble_len:
@@ -202,7 +200,6 @@ class _FrameBuffer(FrameBuffer):
         else:
             self._view = memoryview(data)
             self._at = 0
-            self._immutable = type(data) is bytes
 
     def _take(self, size: int) -> None:
         """
@@ -222,16 +219,8 @@ class _FrameBuffer(FrameBuffer):
         return frame, length
 
     @staticmethod
-    def _body(frame: Frame, body: memoryview, immutable: bool = False) -> None:
-        if immutable and frame.__class__ is DataFrame and "PADDED" not in frame.flags:
-            # An upload's bytes, in a read nothing will change: its view is
-            # the payload (h2 and Twisted hand it on as it is, to the spool),
-            # not a copy of it.
-            data_frame: Any = frame
-            data_frame.data = body
-            data_frame.body_len = len(body)
-            return
-        # Every other frame copies what it keeps out of the view (hyperframe's
+    def _body(frame: Frame, body: memoryview) -> None:
+        # Every frame copies what it keeps out of the view (hyperframe's
         # parse_body), so the view may be released after.
         try:
             frame.parse_body(body)
@@ -268,7 +257,7 @@ class _FrameBuffer(FrameBuffer):
         if len(view) - at < 9 + length:
             self._take(len(view) - at)
             return None
-        self._body(frame, view[at + 9 : at + 9 + length], self._immutable)
+        self._body(frame, view[at + 9 : at + 9 + length])
         self._at = at + 9 + length
         return frame
 
@@ -488,11 +477,6 @@ class ResticH2Connection(H2Connection):
             self._receiving = False
 
     def _requestDataReceived(self, event: Any) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None and not stream.producing and type(event.data) is memoryview:
-            # Kept until its upload goes on: a copy, not a view that would
-            # keep the whole read it came in (up to a MiB) alive meanwhile.
-            event.data = bytes(event.data)
         body = self._bodies.get(event.stream_id)
         if body is not None:
             body.unacked += event.flow_controlled_length
