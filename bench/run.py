@@ -766,12 +766,25 @@ def evict_tree(root: Path) -> int:
 
 def cache_tree(root: Path) -> int:
     """
-    Read every file under C{root} into the page cache (resticd's own
-    L{resticd.reads.warm}: sent to /dev/null, never copied); how many files.
-    """
-    from resticd.reads import warm
+    Read every file under C{root} into the page cache, through a buffer of
+    this process, so that the CPU has touched every page; how many files.
 
-    return each_file(root, lambda fd: warm(fd, 0, os.fstat(fd).st_size))
+    On a virtual machine whose host takes back free memory, pages the disk
+    has just filled (read without a copy, as sendfile(2) to /dev/null does)
+    can be slow to copy the first time a CPU reads them: seen here, a
+    server's copies out of them took up to 6 times the CPU in some runs and
+    not in others (bench/README.md, Noise). rclone's objects were copied
+    into the page cache by its uploads; resticd's bypass it (O_DIRECT) and
+    come from the disk. Touched here, both servers' rows serve from the same
+    kind of memory.
+    """
+    scratch = bytearray(MiB)
+
+    def read_through(fd: int) -> None:
+        while os.readv(fd, [scratch]):
+            pass
+
+    return each_file(root, read_through)
 
 
 def wl_cold(server: Server, objects: BigObjects, count: int) -> tuple[Measure, Errors, int, list[float]]:
