@@ -19,7 +19,8 @@ C{--with perf} (Linux C{perf}) or C{--with py-spy}, that profiler records
 the daemon during the measured part only, and the heaviest functions are
 printed. C{requests} measures and profiles (C{cProfile}) the Python cost of
 one HEAD and one range answer inside this process, through the real site
-but without sockets. C{h2-receive} measures, in this process, the CPU time
+but without sockets, then measures it again with metrics on. C{h2-receive}
+measures, in this process, the CPU time
 resticd's HTTP/2 connection takes to receive an upload's DATA frames, against
 the h2 library's own connection, for reads of several sizes. C{h2-send}
 measures, in this process, the CPU time resticd takes to send whole objects
@@ -282,10 +283,10 @@ class InProcess:
     this process: a data directory under C{root} (repository C{/r/}).
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, prometheus: bool = False) -> None:
         from tests.web import make_server
 
-        self.site = make_server(os.path.join(root, "data")).site
+        self.site = make_server(os.path.join(root, "data"), prometheus=prometheus).site
 
     def connect(self, negotiated: bytes | None = None) -> tuple[Any, Any]:
         """
@@ -334,42 +335,57 @@ class InProcess:
 
 
 def requests(args: argparse.Namespace) -> None:
-    """HEAD and range answers through the real site over an in-memory transport: Python only."""
+    """
+    HEAD and range answers through the real site over an in-memory
+    transport: Python only; profiled as resticd runs by default, then timed
+    again with metrics on (C{--prometheus}: every answer is counted).
+    """
     count = args.count or DEFAULT_COUNT["requests"]
-    root = tempfile.mkdtemp(prefix="resticd-profile-")
-    try:
-        site = InProcess(root)
-        [name] = site.store([2])
-        channel, transport = site.connect()
+    for prometheus in (False, True):
+        root = tempfile.mkdtemp(prefix="resticd-profile-")
+        try:
+            answer_requests(InProcess(root, prometheus), count, args.top, profile=not prometheus)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
-        def answer(raw: bytes) -> bytes:
-            return site.answer(channel, transport, raw)
 
-        rnd = random.Random(1)
-        kinds: dict[str, list[bytes]] = {"HEAD": [], "range": []}
-        for _ in range(count):
-            kinds["HEAD"].append(b"HEAD /r/data/%s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: %s\r\n\r\n" % (name, run.V2.encode()))
-            length = rnd.randint(4 * run.KiB, 64 * run.KiB)
-            start = rnd.randrange(0, run.OBJECT_SIZE - length + 1)
-            kinds["range"].append(b"GET /r/data/%s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: %s\r\nRange: bytes=%d-%d\r\n\r\n"
-                                  % (name, run.V2.encode(), start, start + length - 1))
-        for kind, raws in kinds.items():
-            for raw in raws[:200]:  # warm up
-                answer(raw)
-            started = time.process_time()
-            for raw in raws:
-                answer(raw)
-            spent = time.process_time() - started
-            print(f"{kind}: {spent / len(raws) * 1e6:.1f} µs of CPU per answer (in process, no sockets)")
-            profile = cProfile.Profile()
-            profile.enable()
-            for raw in raws:
-                answer(raw)
-            profile.disable()
-            print(f"-- {kind}: by own time")
-            pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def answer_requests(site: InProcess, count: int, top: int, profile: bool) -> None:
+    """
+    Time C{count} HEADs and C{count} range GETs of one stored object on
+    C{site}, one connection; with C{profile}, profile them once more.
+    """
+    [name] = site.store([2])
+    channel, transport = site.connect()
+
+    def answer(raw: bytes) -> bytes:
+        return site.answer(channel, transport, raw)
+
+    rnd = random.Random(1)
+    kinds: dict[str, list[bytes]] = {"HEAD": [], "range": []}
+    for _ in range(count):
+        kinds["HEAD"].append(b"HEAD /r/data/%s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: %s\r\n\r\n" % (name, run.V2.encode()))
+        length = rnd.randint(4 * run.KiB, 64 * run.KiB)
+        start = rnd.randrange(0, run.OBJECT_SIZE - length + 1)
+        kinds["range"].append(b"GET /r/data/%s HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: %s\r\nRange: bytes=%d-%d\r\n\r\n"
+                              % (name, run.V2.encode(), start, start + length - 1))
+    setting = "" if profile else ", with --prometheus"
+    for kind, raws in kinds.items():
+        for raw in raws[:200]:  # warm up
+            answer(raw)
+        started = time.process_time()
+        for raw in raws:
+            answer(raw)
+        spent = time.process_time() - started
+        print(f"{kind}{setting}: {spent / len(raws) * 1e6:.1f} µs of CPU per answer (in process, no sockets)")
+        if not profile:
+            continue
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for raw in raws:
+            answer(raw)
+        profiler.disable()
+        print(f"-- {kind}: by own time")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 def h2_receive(args: argparse.Namespace) -> None:

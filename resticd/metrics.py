@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import twisted
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web import server
@@ -50,6 +52,27 @@ def status_class(code: int) -> str:
     C{2xx}, C{4xx}, ... for a status code.
     """
     return f"{code // 100}xx"
+
+
+class Children:
+    """
+    The children of a labelled metric by their label values, made by
+    C{metric.labels} the first time and looked up in a dict after that:
+    C{labels} checks and converts its values and takes a lock on every call
+    (about 0.7 µs), and an answered request counts itself in up to four
+    labelled metrics. The values must be strings, as C{labels} would make
+    them; children are never removed.
+    """
+
+    def __init__(self, metric: MetricWrapperBase) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -129,6 +152,14 @@ class Metrics:
         # process_resident_memory_bytes, process_cpu_seconds_total,
         # process_open_fds, ...: what rest-server's Go client exports too.
         ProcessCollector(registry=registry)
+        self._reads = Children(self.blob_read)
+        self._read_bytes = Children(self.blob_read_bytes)
+        self._writes = Children(self.blob_write)
+        self._write_bytes = Children(self.blob_write_bytes)
+        self._deletes = Children(self.blob_delete)
+        self._delete_bytes = Children(self.blob_delete_bytes)
+        self._durations = Children(self.duration)
+        self._responses = Children(self.responses)
         self._lag = LoopingCall(self._sample_lag)
         self._lag.clock = clock
         self._expected: float | None = None
@@ -165,22 +196,22 @@ class Metrics:
             self.aborted.inc()
             return
         code = request.code
-        self.responses.labels(str(code)).inc()
+        self._responses(str(code)).inc()
         method = request.method.decode("ascii", "replace") if request.method in _METHODS else "other"
         if started is not None:
-            self.duration.labels(method, kind, status_class(code)).observe(max(0.0, self.clock.seconds() - started))
+            self._durations(method, kind, status_class(code)).observe(max(0.0, self.clock.seconds() - started))
         if target is None or target.name is None:
             return
         labels = (outcome.user or "", repo_name(target.repo), kind)
         if code in (200, 206) and request.method == b"GET":
-            self.blob_read.labels(*labels).inc()
-            self.blob_read_bytes.labels(*labels).inc(request.sentLength)
+            self._reads(*labels).inc()
+            self._read_bytes(*labels).inc(request.sentLength)
         elif code == 200 and request.method == b"POST":
-            self.blob_write.labels(*labels).inc()
-            self.blob_write_bytes.labels(*labels).inc(outcome.size)
+            self._writes(*labels).inc()
+            self._write_bytes(*labels).inc(outcome.size)
         elif code == 200 and request.method == b"DELETE":
-            self.blob_delete.labels(*labels).inc()
-            self.blob_delete_bytes.labels(*labels).inc(outcome.size)
+            self._deletes(*labels).inc()
+            self._delete_bytes(*labels).inc(outcome.size)
         elif isinstance(outcome.error, VerificationFailed):
             self.verification_failures.labels(repo_name(target.repo), kind).inc()
 

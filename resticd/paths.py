@@ -85,20 +85,14 @@ class Layout:
         """
         return os.path.join(self.root, *repo, kind)
 
-    def object_dir(self, repo: Repo, kind: str, name: str) -> str:
-        """
-        The directory an object lives in: C{data/<first two hex>/} for data,
-        the type directory otherwise.
-        """
-        if kind == "data":
-            return os.path.join(self.root, *repo, kind, name[:2])
-        return os.path.join(self.root, *repo, kind)
-
     def object_path(self, repo: Repo, kind: str, name: str) -> str:
         """
-        The file of one object.
+        The file of one object: in C{data/<first two hex>/} for data, in the
+        type directory otherwise.
         """
-        return os.path.join(self.object_dir(repo, kind, name), name)
+        if kind == "data":
+            return os.path.join(self.root, *repo, kind, name[:2], name)
+        return os.path.join(self.root, *repo, kind, name)
 
     def config_path(self, repo: Repo) -> str:
         """

@@ -113,7 +113,8 @@ def authorize(ctx: Context, request: server.Request, user: str | None, target: T
     C{target}'s repository (the refusal is logged when the request ends).
     """
     needed = needed_right(request.method, target)
-    if ctx.access.rights(user, target.repo) & needed:
+    # On their values: a Flag's & makes a new member (about a µs each time).
+    if ctx.access.rights(user, target.repo).value & needed.value:
         return
     raise Forbidden(f"{(needed.name or '').lower().replace('_', ' ')} access to {repo_label(target.repo)} denied")
 

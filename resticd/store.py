@@ -18,8 +18,13 @@ from dataclasses import dataclass
 
 from .errors import Conflict, Forbidden, NotFound
 from .listing import Entry
+from .nolinks import never_link_free, system_openat2
 from .paths import HASHED_TYPES, Layout, Repo, Target, data_subdirs, is_inside, is_object_name
 from .spool import SpoolFile
+
+
+#: Where a path has a name starting with a dot.
+_DOT_NAME = os.sep + "."
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,26 @@ class Store:
     Repositories under one data root, in restic's local layout.
     """
 
-    def __init__(self, layout: Layout, modes: Modes = Modes()) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        modes: Modes = Modes(),
+        open_link_free: Callable[[str, int], int | None] | None = None,
+    ) -> None:
+        """
+        C{open_link_free(path, flags)} opens a path none of whose components
+        is a symbolic link, or returns L{None} (a link, or no way to tell in
+        one call); by default this system's C{openat2}, where it has one.
+        """
         self.layout = layout
         self.modes = modes
         self.directory_syncs = DirectorySyncs()
         self._real_root = os.path.realpath(layout.root)
+        self._below_root = os.path.join(self._real_root, "")
+        if open_link_free is None:
+            openat2 = system_openat2()
+            open_link_free = openat2.open if openat2 is not None else never_link_free
+        self._open_link_free = open_link_free
 
     # -- containment -------------------------------------------------------
 
@@ -130,15 +150,32 @@ class Store:
             raise NotFound("not found")
         return path
 
+    def _named_inside(self, path: str) -> bool:
+        """
+        Whether C{path} is the root's resolved name and names below it none
+        of which is C{.}, C{..} or hidden (as every path L{Layout} makes of
+        a checked target is): without symbolic links on the way, it lies
+        inside the root.
+        """
+        below = self._below_root
+        return path.startswith(below) and path.find(_DOT_NAME, len(below) - 1) < 0
+
     def open_contained(self, path: str, flags: int = os.O_RDONLY) -> int:
         """
         A descriptor of the file at C{path}, opened with C{flags}, after
-        checking that the file it opened lies inside the data root (its
-        resolved name, read back from C{/proc/self/fd}: one call instead of
-        one per path component, and no race between check and open);
-        L{NotFound} if it is missing or outside.
+        checking that the file it opened lies inside the data root;
+        L{NotFound} if it is missing or outside. A path below the root's
+        resolved name with no symbolic link, C{.} or C{..} in it lies inside
+        by its very name: such a path is opened in one call that refuses
+        links (L{resticd.nolinks}). Any other path (or any path, where that
+        call is missing) is opened as it is, and the resolved name of what
+        was opened is read back from C{/proc/self/fd}: one call instead of
+        one per path component, and no race between check and open.
         """
         try:
+            fd = self._open_link_free(path, flags) if self._named_inside(path) else None
+            if fd is not None:
+                return fd
             fd = os.open(path, flags | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound("not found") from None

@@ -68,7 +68,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from resticd.auth import Authenticator, Htpasswd
-from resticd.paths import SPOOL_DIR, parse_path
+from resticd.paths import HASHED_TYPES, SPOOL_DIR, parse_path
 from resticd.threads import run_inline
 
 from .daemon import write_htpasswd
@@ -278,8 +278,14 @@ class Arena:
         """
         store = self.server.store
         for repo in REPOS:
-            if not os.path.isdir(os.path.join(self.root, *repo, "keys")):
-                store.create_repo(repo)
+            if all(os.path.isdir(os.path.join(self.root, *repo, kind)) for kind in HASHED_TYPES):
+                continue
+            if os.path.isdir(os.path.join(self.root, *repo)):
+                # Deleted, its directory kept for a nested repository, then
+                # partly made again by uploads (a pipelined upload to
+                # r/keys/ after a delete of r makes r/keys/ alone).
+                store.delete_repo(repo)
+            store.create_repo(repo)
         for kind, body in [("keys", STORED), *(("data", body) for body in BODIES)]:
             stored = self.server.layout.object_path(("r",), kind, name_of(body))
             if not os.path.exists(stored):

@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import pytest
 import pytest_twisted
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -41,7 +41,7 @@ from resticd.auth import Authenticator, Htpasswd
 from resticd.certs import write_self_signed
 from resticd.config import Config
 from resticd.health import MinFree
-from resticd.metrics import Metrics
+from resticd.metrics import Children, Metrics
 from resticd.service import ResticdService, make_metrics_site, make_site
 from resticd.threads import WorkerThreads
 from resticd.site import ResticSite
@@ -309,6 +309,25 @@ async def test_metrics_count_exactly_what_happened(tmp_path):
 
     assert value(m, "resticd_repo_last_write_timestamp_seconds", repo="alice") == times["last write"]
     assert value(m, "resticd_repo_last_snapshot_timestamp_seconds", repo="alice") == times["snapshot"]
+
+
+def test_children_are_made_once_per_set_of_label_values() -> None:
+    """
+    The per-request counts go to the child prometheus_client makes for
+    their label values the first time and to the same child after that;
+    the registry exports what was counted, per set of values.
+    """
+    registry = CollectorRegistry()
+    counter = Counter("things", "Things", ["a", "b"], registry=registry)
+    children = Children(counter)
+    first = children("x", "y")
+    assert first is counter.labels("x", "y")
+    assert children("x", "y") is first
+    first.inc(2)
+    children("x", "y").inc()
+    children("x", "z").inc()
+    assert registry.get_sample_value("things_total", {"a": "x", "b": "y"}) == 3
+    assert registry.get_sample_value("things_total", {"a": "x", "b": "z"}) == 1
 
 
 @pytest_twisted.ensureDeferred
