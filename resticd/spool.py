@@ -24,6 +24,7 @@ import itertools
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -55,6 +56,16 @@ RESUME_STEP = 1 << 20
 #: large bodies were written with O_DIRECT). Elsewhere the extra calls cost
 #: little.
 WRITE_SIZE = 32 << 10
+
+#: What L{WriteBudget} lets all uploads together hold, received and not yet
+#: written, at the least (while the disk takes them slowly: more would only
+#: hold more memory, not write sooner) and at the most (while the worker
+#: threads write them fast); in between, what they wrote in
+#: L{BUDGET_TIME} at their rate over the last L{RATE_WINDOW} or more.
+BUDGET = 12 << 20
+BUDGET_MOST = 20 << 20
+BUDGET_TIME = 0.04
+RATE_WINDOW = 0.05
 
 #: Bytes of one upload received but not yet written, beyond which it stops
 #: reading from its client until its writes are down to half of it: four
@@ -138,9 +149,18 @@ class WriteBudget:
     A cap on body bytes received but not yet written, across all uploads,
     what an upload keeps for its next piece included: when it is exceeded,
     uploads stop reading from their clients until the worker threads have
-    caught up to half the cap. (8 concurrent 8 MiB uploads went as fast
-    with 12 MiB as with 16, and some 5 % slower with 8; before what uploads
-    keep counted, 8 MiB went as fast as 16.)
+    caught up to half the cap.
+
+    The cap (L{limit}) follows how fast the workers drain it: C{limit} bytes
+    while the disk takes them slowly, up to C{most} while the workers write
+    what they hold within L{BUDGET_TIME}. Held that briefly, more bytes cost
+    little memory, and each upload's next piece is there when a worker is
+    free for it instead of waiting for room. Measured with 8 concurrent
+    8 MiB uploads, the default's 12 to 20 MiB against a fixed 12: 2 % faster
+    over plain TCP and 4 % over TLS (medians of 12 rounds), 8-12 % over TLS
+    where memory was not warmed first, the peak resident size 7-10 MiB
+    higher; 16 restic clients backing up over HTTP/2 to a disk writing
+    30 MiB/s, for which more room would only mean more memory, keep the 12.
 
     While uploads wait for room, what the others keep for their next piece
     stays within a quarter of the cap (those keeping the most hand it to
@@ -156,8 +176,16 @@ class WriteBudget:
     hold back the very uploads whose bytes take its connection's window.)
     """
 
-    def __init__(self, limit: int = 12 << 20) -> None:
+    def __init__(self, limit: int = BUDGET, most: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        #: The cap now, from C{limit} (and fixed there without C{most}) to
+        #: C{most}.
         self.limit = limit
+        self.least = limit
+        self.most = limit if most is None else max(most, limit)
+        self._clock = clock
+        #: Bytes given back since L{_since}.
+        self._drained = 0
+        self._since = clock()
         self.used = 0
         self._waiting: list[tuple[Callable[[], object], SpoolFile]] = []
         self._keeping: dict[SpoolFile, None] = {}
@@ -175,7 +203,24 @@ class WriteBudget:
 
     def give(self, size: int) -> None:
         self.used -= size
+        if self.most > self.least:
+            self._drained_by(size)
         self._resume()
+
+    def _drained_by(self, size: int) -> None:
+        """
+        Count C{size} bytes given back; once L{RATE_WINDOW} has passed, make
+        the cap what is given back in L{BUDGET_TIME} at the rate since then
+        (after a pause, that rate is low: the cap starts from the least).
+        """
+        self._drained += size
+        now = self._clock()
+        elapsed = now - self._since
+        if elapsed >= RATE_WINDOW:
+            rate = self._drained / elapsed
+            self.limit = min(self.most, max(self.least, int(rate * BUDGET_TIME)))
+            self._drained = 0
+            self._since = now
 
     @property
     def exceeded(self) -> bool:
@@ -673,8 +718,8 @@ class SpoolFile:
 class Spool:
     """
     Makes L{SpoolFile}s in one directory with one file mode, written by
-    C{run} (inline when L{None}) within one L{WriteBudget}, and hashed
-    unless C{hashed} is false.
+    C{run} (inline when L{None}) within one L{WriteBudget} (by default from
+    L{BUDGET} to L{BUDGET_MOST}), and hashed unless C{hashed} is false.
     """
 
     def __init__(
@@ -688,7 +733,7 @@ class Spool:
         self.directory = directory
         self.mode = mode
         self.run = run
-        self.budget = budget or WriteBudget()
+        self.budget = budget or WriteBudget(BUDGET, BUDGET_MOST)
         self.hashed = hashed
         self.direct = DirectWrites(directory)
 

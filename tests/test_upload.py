@@ -28,7 +28,21 @@ from resticd.request import SpoolingRequest
 from resticd import spool as spool_module
 from resticd.paths import Layout
 from resticd.reads import is_cached
-from resticd.spool import ALIGN, BACKLOG, PIECE, SMALL_BODY, STAGING, Spool, SpoolFile, WriteBudget, create_unique
+from resticd.spool import (
+    ALIGN,
+    BACKLOG,
+    BUDGET,
+    BUDGET_MOST,
+    BUDGET_TIME,
+    PIECE,
+    RATE_WINDOW,
+    SMALL_BODY,
+    STAGING,
+    Spool,
+    SpoolFile,
+    WriteBudget,
+    create_unique,
+)
 from resticd.store import Store
 from resticd.threads import Stopped, run_inline
 
@@ -598,6 +612,133 @@ def test_what_uploads_keep_for_their_next_piece_counts_against_the_budget(server
         request.handleContentChunk(body[PIECE // 2 :])
     for (request, _), body in zip(uploads, bodies):
         assert flushed_content(request.spool_file, runner) == body
+
+
+class FakeClock:
+    """
+    A clock for L{WriteBudget} that moves only when told.
+    """
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(budget: WriteBudget, clock: FakeClock, rate: float, seconds: float, step: int = PIECE) -> None:
+    """
+    Take and give back C{step} bytes at a time through C{budget} for
+    C{seconds}, at C{rate} bytes per second of the fake clock.
+    """
+    for _ in range(round(rate * seconds / step)):
+        budget.take(step)
+        clock.now += step / rate
+        budget.give(step)
+
+
+def test_the_write_budget_grows_while_the_writes_drain_it_fast() -> None:
+    """
+    While the workers give bytes back fast, the cap grows to what they
+    write in BUDGET_TIME at that rate, within BUDGET_MOST: bytes a fixed
+    cap of BUDGET would hold back go on (a fast disk is fed without
+    waiting for room).
+    """
+    clock = FakeClock()
+    budget = WriteBudget(BUDGET, BUDGET_MOST, clock)
+    assert budget.limit == BUDGET
+    middle = (BUDGET + BUDGET_MOST) / 2 / BUDGET_TIME
+    drain(budget, clock, middle, 2 * RATE_WINDOW)
+    assert abs(budget.limit - (BUDGET + BUDGET_MOST) // 2) <= PIECE
+    drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
+    assert budget.limit == BUDGET_MOST
+    budget.take(BUDGET_MOST - PIECE)
+    assert not budget.exceeded
+    budget.take(2 * PIECE)
+    assert budget.exceeded
+
+
+def test_the_write_budget_keeps_its_least_for_a_slow_disk_and_after_a_pause() -> None:
+    """
+    Bytes given back slowly (a disk slower than the clients) leave the cap
+    at BUDGET, where more would only hold more memory; and after a pause in
+    the writes the cap starts from BUDGET again, however fast they went.
+    """
+    clock = FakeClock()
+    budget = WriteBudget(BUDGET, BUDGET_MOST, clock)
+    drain(budget, clock, 30 << 20, 1.0)
+    assert budget.limit == BUDGET
+    budget.take(BUDGET + 1)
+    assert budget.exceeded
+    budget.give(BUDGET + 1)
+    drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
+    assert budget.limit == BUDGET_MOST
+    clock.now += 10.0
+    budget.take(PIECE)
+    budget.give(PIECE)
+    assert budget.limit == BUDGET
+
+
+def test_a_write_budget_made_with_one_limit_keeps_it() -> None:
+    """
+    A budget given only its limit keeps that cap however fast its bytes
+    are written (the tests of the budget's other rules rely on it), while
+    the spool's own budget, by default, grows from BUDGET to BUDGET_MOST.
+    """
+    clock = FakeClock()
+    budget = WriteBudget(2 * PIECE, clock=clock)
+    drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
+    assert budget.limit == 2 * PIECE
+    default = Spool("/nonexistent").budget
+    assert (default.least, default.most) == (BUDGET, BUDGET_MOST)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=4 * PIECE), st.floats(min_value=0, max_value=1.0)),
+        max_size=60,
+    )
+)
+def test_the_write_budget_stays_between_its_least_and_its_most(steps: list[tuple[int, float]]) -> None:
+    """
+    Whatever is given back, however fast or slowly, the cap stays within
+    BUDGET and BUDGET_MOST.
+    """
+    clock = FakeClock()
+    budget = WriteBudget(BUDGET, BUDGET_MOST, clock)
+    for size, seconds in steps:
+        budget.take(size)
+        clock.now += seconds
+        budget.give(size)
+        assert BUDGET <= budget.limit <= BUDGET_MOST
+
+
+def test_uploads_past_the_least_go_on_while_the_writes_drain_fast(server: Server) -> None:
+    """
+    Through the site: with a budget of two to four pieces whose writes
+    drained fast lately, four uploads with a piece each keep reading from
+    their clients where a fixed budget of two pieces pauses all but two;
+    a fifth, past the most, waits for room.
+    """
+    clock = FakeClock()
+    fixed = WriteBudget(2 * PIECE, clock=clock)
+    grown = WriteBudget(2 * PIECE, 4 * PIECE, clock)
+    for budget in (fixed, grown):
+        drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
+    assert (fixed.limit, grown.limit) == (2 * PIECE, 4 * PIECE)
+    for budget, producing in ((fixed, 2), (grown, 4)):
+        runner = HeldWrites()
+        server.site.spool = Spool(server.layout.spool_dir(), 0o600, runner, budget)
+        uploads = [open_request(server) for _ in range(5)]
+        for request, _ in uploads:
+            request.gotLength(3 * PIECE)
+            request.handleContentChunk(bytes(PIECE))
+        assert states(uploads) == ["producing"] * producing + ["paused"] * (5 - producing)
+        for request, _ in uploads:
+            if request.spool_file is not None:
+                request.spool_file.discard()
+        runner.release_all()
 
 
 def paused_uploads(server: Server, runner: HeldWrites, pieces: int, count: int) -> list[tuple[SpoolingRequest, StringTransport]]:
