@@ -209,9 +209,10 @@ class WriteBudget:
 
     def _drained_by(self, size: int) -> None:
         """
-        Count C{size} bytes given back; once L{RATE_WINDOW} has passed, make
-        the cap what is given back in L{BUDGET_TIME} at the rate since then
-        (after a pause, that rate is low: the cap starts from the least).
+        Count C{size} bytes given back (written, or dropped with their
+        upload); once L{RATE_WINDOW} has passed, make the cap what is given
+        back in L{BUDGET_TIME} at the rate since then (after a pause, that
+        rate is low: the cap starts from the least).
         """
         self._drained += size
         now = self._clock()

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
@@ -614,26 +615,14 @@ def test_what_uploads_keep_for_their_next_piece_counts_against_the_budget(server
         assert flushed_content(request.spool_file, runner) == body
 
 
-class FakeClock:
-    """
-    A clock for L{WriteBudget} that moves only when told.
-    """
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def drain(budget: WriteBudget, clock: FakeClock, rate: float, seconds: float, step: int = PIECE) -> None:
+def drain(budget: WriteBudget, clock: Clock, rate: float, seconds: float, step: int = PIECE) -> None:
     """
     Take and give back C{step} bytes at a time through C{budget} for
-    C{seconds}, at C{rate} bytes per second of the fake clock.
+    C{seconds}, at C{rate} bytes per second of C{clock} (the budget's).
     """
     for _ in range(round(rate * seconds / step)):
         budget.take(step)
-        clock.now += step / rate
+        clock.advance(step / rate)
         budget.give(step)
 
 
@@ -644,8 +633,8 @@ def test_the_write_budget_grows_while_the_writes_drain_it_fast() -> None:
     cap of BUDGET would hold back go on (a fast disk is fed without
     waiting for room).
     """
-    clock = FakeClock()
-    budget = WriteBudget(BUDGET, BUDGET_MOST, clock)
+    clock = Clock()
+    budget = WriteBudget(BUDGET, BUDGET_MOST, clock.seconds)
     assert budget.limit == BUDGET
     middle = (BUDGET + BUDGET_MOST) / 2 / BUDGET_TIME
     drain(budget, clock, middle, 2 * RATE_WINDOW)
@@ -664,8 +653,8 @@ def test_the_write_budget_keeps_its_least_for_a_slow_disk_and_after_a_pause() ->
     at BUDGET, where more would only hold more memory; and after a pause in
     the writes the cap starts from BUDGET again, however fast they went.
     """
-    clock = FakeClock()
-    budget = WriteBudget(BUDGET, BUDGET_MOST, clock)
+    clock = Clock()
+    budget = WriteBudget(BUDGET, BUDGET_MOST, clock.seconds)
     drain(budget, clock, 30 << 20, 1.0)
     assert budget.limit == BUDGET
     budget.take(BUDGET + 1)
@@ -673,7 +662,7 @@ def test_the_write_budget_keeps_its_least_for_a_slow_disk_and_after_a_pause() ->
     budget.give(BUDGET + 1)
     drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
     assert budget.limit == BUDGET_MOST
-    clock.now += 10.0
+    clock.advance(10.0)
     budget.take(PIECE)
     budget.give(PIECE)
     assert budget.limit == BUDGET
@@ -685,8 +674,8 @@ def test_a_write_budget_made_with_one_limit_keeps_it() -> None:
     are written (the tests of the budget's other rules rely on it), while
     the spool's own budget, by default, grows from BUDGET to BUDGET_MOST.
     """
-    clock = FakeClock()
-    budget = WriteBudget(2 * PIECE, clock=clock)
+    clock = Clock()
+    budget = WriteBudget(2 * PIECE, clock=clock.seconds)
     drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
     assert budget.limit == 2 * PIECE
     default = Spool("/nonexistent").budget
@@ -705,11 +694,11 @@ def test_the_write_budget_stays_between_its_least_and_its_most(steps: list[tuple
     Whatever is given back, however fast or slowly, the cap stays within
     BUDGET and BUDGET_MOST.
     """
-    clock = FakeClock()
-    budget = WriteBudget(BUDGET, BUDGET_MOST, clock)
+    clock = Clock()
+    budget = WriteBudget(BUDGET, BUDGET_MOST, clock.seconds)
     for size, seconds in steps:
         budget.take(size)
-        clock.now += seconds
+        clock.advance(seconds)
         budget.give(size)
         assert BUDGET <= budget.limit <= BUDGET_MOST
 
@@ -721,9 +710,9 @@ def test_uploads_past_the_least_go_on_while_the_writes_drain_fast(server: Server
     their clients where a fixed budget of two pieces pauses all but two;
     a fifth, past the most, waits for room.
     """
-    clock = FakeClock()
-    fixed = WriteBudget(2 * PIECE, clock=clock)
-    grown = WriteBudget(2 * PIECE, 4 * PIECE, clock)
+    clock = Clock()
+    fixed = WriteBudget(2 * PIECE, clock=clock.seconds)
+    grown = WriteBudget(2 * PIECE, 4 * PIECE, clock.seconds)
     for budget in (fixed, grown):
         drain(budget, clock, 1 << 30, 2 * RATE_WINDOW)
     assert (fixed.limit, grown.limit) == (2 * PIECE, 4 * PIECE)
