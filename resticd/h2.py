@@ -428,11 +428,11 @@ class ResticH2Connection(H2Connection):
         if not self._receiving:
             self._tryToWriteControlData()
 
-    def reach(self) -> int:
+    def reach(self, floor: int) -> int:
         """
         The most window the client can use (see L{RoundTrips.reach}).
         """
-        return self.round_trips.reach()
+        return self.round_trips.reach(floor)
 
     def _taken(self, size: int) -> None:
         # h2 counted C{size} bytes as taken in (acknowledged): their credit

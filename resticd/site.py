@@ -39,7 +39,8 @@ class ResticSite(QuietSite):
     A L{server.Site} whose requests stream their bodies into C{spool} (their
     uploads checked early against C{quota}), and which offers HTTP/2 by ALPN
     only when C{http2} is true; its HTTP/2 connections' windows for uploads
-    are lent from C{windows}.
+    are lent from C{windows} (by default a pool that lends less while the
+    spool's uploads wait for room).
     """
 
     #: HTTP/1.1, or HTTP/2 with working flow control.
@@ -64,7 +65,7 @@ class ResticSite(QuietSite):
         self.observers: list[RequestObserver] = []
         self.http2 = http2
         self.limits = limits
-        self.upload_windows = windows if windows is not None else UploadWindows()
+        self.upload_windows = windows or UploadWindows(held_back=lambda: self.spool.budget.holding_back())
         #: The open connections (for a graceful shutdown).
         self.connections: set[Any] = set()
         self._all_closed: list[Deferred[None]] = []

@@ -227,6 +227,13 @@ class WriteBudget:
     def exceeded(self) -> bool:
         return self.used > self.limit
 
+    def holding_back(self) -> bool:
+        """
+        Whether uploads wait for room now (the workers' writes behind what
+        the clients send).
+        """
+        return bool(self._waiting)
+
     def when_room(self, resume: Callable[[], object], spool: SpoolFile) -> None:
         """
         Call C{resume} (which says whether the upload of C{spool} went on

@@ -37,7 +37,15 @@ from resticd.h2 import (
     reserve,
 )
 from resticd.spool import PIECE, Spool, WriteBudget
-from resticd.windows import BASE_WINDOW, CONNECTION_WINDOW, FLOOR, PING_INTERVAL, RoundTrips, UploadWindows
+from resticd.windows import (
+    BASE_WINDOW,
+    CONNECTION_WINDOW,
+    FLOOR,
+    HELD_BACK_FLOOR,
+    PING_INTERVAL,
+    RoundTrips,
+    UploadWindows,
+)
 
 from .web import HeldWrites, make_server, name_of
 
@@ -810,7 +818,7 @@ class FarAway(RoundTrips):
     it is lent.
     """
 
-    def reach(self) -> int:
+    def reach(self, floor: int = FLOOR) -> int:
         return CONNECTION_WINDOW
 
 
@@ -859,6 +867,47 @@ def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_th
         for uploader in uploaders:
             uploader.step()
     assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 3] * len(uploaders)
+    assert_stored_whole(server, bodies)
+
+
+def test_a_connection_that_starts_uploading_while_uploads_wait_for_the_disk_is_lent_a_quarter_mib(tmp_path) -> None:
+    """
+    A client nearby that starts an upload while those of four others wait
+    for the disk (their writes held, the write budget full) is lent a
+    quarter MiB of window rather than a MiB: what it sent beyond would wait
+    in memory. Once the writes go on, its connection is lent the MiB again,
+    and every upload is answered 200 and stored whole.
+    """
+    runner = HeldWrites()
+    server = make_server(str(tmp_path / "data"), run=runner)
+    server.store.create_repo(("r",))
+    site: Any = server.site
+    clock = Turns()
+    base = os.urandom(6 << 20)
+    bodies = [base[:-1] + bytes([i]) for i in range(5)]
+    named = [(f"/r/data/{name_of(body)}", body) for body in bodies]
+    first = [Uploader(site, clock, [upload]) for upload in named[:4]]
+    while sum(uploader.step() for uploader in first):
+        clock.turn()
+    assert site.spool.budget.holding_back()
+    late = Uploader(site, clock, named[4:])
+    late.read()
+    assert late.client.outbound_flow_control_window == HELD_BACK_FLOOR
+    uploaders = [*first, late]
+    lent = [site.upload_windows.held(late.server)]
+    while runner.queued or not all(uploader.done() for uploader in uploaders):
+        runner.release_all()
+        for uploader in uploaders:
+            uploader.step()
+        clock.turn()
+        lent.append(site.upload_windows.held(late.server))
+    assert max(lent) == FLOOR
+    for _ in range(5):
+        runner.release_all()
+        clock.turn()
+        for uploader in uploaders:
+            uploader.step()
+    assert [uploader.statuses for uploader in uploaders] == [[b"200"]] * 5
     assert_stored_whole(server, bodies)
 
 

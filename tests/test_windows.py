@@ -13,6 +13,7 @@ from resticd.windows import (
     CONNECTION_WINDOW,
     FLOOR,
     GAIN,
+    HELD_BACK_FLOOR,
     RATE_DECAY,
     UPLOAD_WINDOWS,
     RoundTrips,
@@ -26,7 +27,8 @@ MiB = 1 << 20
 class Connection:
     """
     A connection that wants C{wanted} bytes, whose client can use a window
-    of C{reach}, and notes what it was lent.
+    of C{reach} (or the floor it is given, if higher), and notes what it
+    was lent.
     """
 
     def __init__(self, wanted: int = 0, reach: int = CONNECTION_WINDOW) -> None:
@@ -40,8 +42,8 @@ class Connection:
     def widen(self, size: int) -> None:
         self.widened.append(size)
 
-    def reach(self) -> int:
-        return self._reach
+    def reach(self, floor: int) -> int:
+        return max(floor, self._reach)
 
     def sends(self, pool: UploadWindows, size: int) -> None:
         """
@@ -180,6 +182,7 @@ def test_a_client_whose_round_trip_is_not_timed_yet_can_use_the_floor() -> None:
     brought(trips, 4 * MiB, 0.01, 100)
     assert trips.rate > 100 * MiB
     assert trips.reach() == FLOOR
+    assert trips.reach(HELD_BACK_FLOOR) == HELD_BACK_FLOOR
 
 
 def test_a_client_is_aimed_at_four_round_trips_of_what_it_brings() -> None:
@@ -187,19 +190,22 @@ def test_a_client_is_aimed_at_four_round_trips_of_what_it_brings() -> None:
     A client 125 ms away whose bytes are taken in at 16 MiB/s can use a
     window of 8 MiB (four round trips' worth); one nearby (0.2 ms) at
     256 MiB/s, or one far away whose uploads wait for a slow disk
-    (1 MiB/s), the floor.
+    (1 MiB/s), the floor (1 MiB), and with the floor of a quarter MiB
+    (while uploads wait for room) the nearby one that, the far one half a
+    MiB.
     """
     assert GAIN == 4
-    for rtt, size, every, reach in (
-        (0.125, 2 * MiB, 0.125, 8 * MiB),
-        (0.0002, 4 * MiB, 1 / 64, FLOOR),
-        (0.125, MiB, 1.0, FLOOR),
+    for rtt, size, every, reach, held_back in (
+        (0.125, 2 * MiB, 0.125, 8 * MiB, 8 * MiB),
+        (0.0002, 4 * MiB, 1 / 64, FLOOR, HELD_BACK_FLOOR),
+        (0.125, MiB, 1.0, FLOOR, MiB // 2),
     ):
         trips = RoundTrips()
         trips.measured(rtt)
         brought(trips, size, every, 20)
         assert trips.rtt == rtt
         assert trips.reach() == max(FLOOR, int(GAIN * rtt * size / every)) == reach
+        assert trips.reach(HELD_BACK_FLOOR) == max(HELD_BACK_FLOOR, int(GAIN * rtt * size / every)) == held_back
 
 
 def test_round_trips_are_smoothed_and_rates_follow_the_highest_recent_measure() -> None:
@@ -236,3 +242,29 @@ def test_a_connection_is_lent_no_more_than_its_client_can_use() -> None:
     connection._reach = 8 * MiB
     pool.update(connection)
     assert pool.held(connection) == 8 * MiB
+
+
+def test_while_uploads_wait_for_the_disk_a_client_nearby_is_lent_a_quarter_mib() -> None:
+    """
+    While uploads wait for room (the disk slower than the clients), a
+    connection whose client brings little per round trip is lent a quarter
+    MiB rather than the floor of a MiB: what it sent beyond would only wait
+    in memory. Once nothing waits, the next bytes taken in bring it back to
+    the MiB. A client far away is lent what it can use either way.
+    """
+    waiting = [True]
+    pool = UploadWindows(held_back=lambda: waiting[0])
+    nearby, far = Connection(64 * MiB, reach=0), Connection(64 * MiB, reach=8 * MiB)
+    for connection in (nearby, far):
+        pool.join(connection)
+        pool.update(connection)
+    assert HELD_BACK_FLOOR == MiB // 4
+    assert pool.held(nearby) == HELD_BACK_FLOOR
+    assert pool.held(far) == 8 * MiB
+    nearby.sends(pool, 64 << 10)
+    assert pool.held(nearby) == HELD_BACK_FLOOR - (64 << 10)  # less than half lacking: no update
+    waiting[0] = False
+    nearby.sends(pool, 64 << 10)
+    assert pool.held(nearby) == FLOOR
+    far.sends(pool, 4 * MiB)
+    assert pool.held(far) == 8 * MiB
