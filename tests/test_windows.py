@@ -190,9 +190,9 @@ def test_a_client_is_aimed_at_four_round_trips_of_what_it_brings() -> None:
     A client 125 ms away whose bytes are taken in at 16 MiB/s can use a
     window of 8 MiB (four round trips' worth); one nearby (0.2 ms) at
     256 MiB/s, or one far away whose uploads wait for a slow disk
-    (1 MiB/s), the floor (1 MiB), and with the floor of a quarter MiB
-    (while uploads wait for room) the nearby one that, the far one half a
-    MiB.
+    (1 MiB/s), the floor (1 MiB). With the floor of a quarter MiB (while
+    uploads wait for room), the nearby one gets that and the far one half a
+    MiB, four round trips of its 1 MiB/s.
     """
     assert GAIN == 4
     for rtt, size, every, reach, held_back in (
