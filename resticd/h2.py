@@ -391,6 +391,21 @@ class ResticH2Connection(H2Connection):
         transport: Any = self.transport
         transport.write(self.conn.data_to_send())
 
+    def loseConnection(self) -> None:
+        """
+        Tell the client that no new stream will be served (GOAWAY), and
+        close the connection once what is queued is sent.
+        """
+        transport: Any = self.transport
+        if transport is None:
+            return
+        self.conn.close_connection()
+        transport.write(self.conn.data_to_send())
+        # The connection is its transport's producer, and TLS closes only
+        # once it has none (HTTPChannel.loseConnection does the same).
+        transport.unregisterProducer()
+        transport.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
         # All the connection held goes back to the pool at once.
         self.windows.leave(self)
@@ -790,11 +805,12 @@ class ResticChannel(_GenericHTTPChannelProtocol):
 
     def close(self) -> None:
         """
-        Close the connection once what it has queued is sent.
+        Close the connection once what it has queued is sent (over HTTP/2,
+        after a GOAWAY).
         """
-        transport = self._channel.transport
-        if transport is not None:
-            transport.loseConnection()
+        channel: Any = self._channel
+        if channel.transport is not None:
+            channel.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._negotiatedProtocol is None:

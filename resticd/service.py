@@ -389,7 +389,7 @@ class ResticdService(service.MultiService):
         tls_check = Periodic(TLS_CHECK_INTERVAL, self._reload_tls, self.reactor)
         tls_check.setName("checking the TLS files for changes")
         tls_check.setServiceParent(self)
-        return BatchingTLSFactory(self.tls, False, self.site)
+        return BatchingTLSFactory(self.tls, False, self.site, self.reactor)
 
     def _reload_tls(self, force: bool = False) -> Deferred[bool]:
         assert self.tls is not None

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL.crypto import X509
 from OpenSSL.SSL import Error as OpenSSLError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IProtocolFactory, IReactorTime
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -46,6 +47,17 @@ WRITE_CHUNK = 1 << 18
 OUTPUT_PIECE = 1 << 16
 #: Room for TLS record headers and tags after L{WRITE_CHUNK} bytes.
 RECORD_OVERHEAD = 1 << 12
+#: Seconds a connection that resticd closes waits, once its TLS close alert
+#: (close_notify) is sent, for the client's alert or its own close, before
+#: the socket is closed anyway. Twisted would wait for the client's alert as
+#: long as the connection lasts, and a client that holds an idle connection
+#: without reading it (Python's http.client, curl between transfers, a host
+#: gone from the network) never sends one: every such connection held a
+#: stopping daemon for the whole --shutdown-timeout. TLS does not ask the
+#: side that closes to wait for the other's alert; the short wait lets a
+#: client still sending when it is answered read the answer before the
+#: socket closes under it (Go's server waits half a second so).
+CLOSE_WAIT = 1.0
 
 
 class TLSConfigError(Exception):
@@ -283,9 +295,36 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
     arrives L{INPUT_PIECE} bytes at a time, so that its buffers stay small.
     """
 
+    #: The call that closes the socket after L{CLOSE_WAIT}, once armed.
+    _closing: IDelayedCall | None = None
+
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
         whole_writes(self._tlsConnection)
+
+    def _shutdownTLS(self) -> None:
+        # twisted.protocols.tls.TLSMemoryBIOProtocol._shutdownTLS sends the
+        # close alert and closes the socket only once the client's alert has
+        # come: close it after CLOSE_WAIT seconds in any case.
+        super()._shutdownTLS()
+        if self._closing is None and not self._aborted and self.transport is not None:
+            clock: IReactorTime = self.factory.clock  # type: ignore[attr-defined]
+            self._closing = clock.callLater(CLOSE_WAIT, self._close_socket)
+
+    def _close_socket(self) -> None:
+        """
+        Close the socket once what is queued for it is sent: the client did
+        not answer resticd's close alert in time.
+        """
+        self._closing = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
+        super().connectionLost(reason)
 
     def _write(self, data: bytes) -> None:
         # twisted.protocols.tls.TLSMemoryBIOProtocol._write, with larger
@@ -428,7 +467,18 @@ class BatchingTLSProtocol(TLSMemoryBIOProtocol):
 
 class BatchingTLSFactory(TLSMemoryBIOFactory):
     """
-    A server-side L{TLSMemoryBIOFactory} of L{BatchingTLSProtocol}s.
+    A server-side L{TLSMemoryBIOFactory} of L{BatchingTLSProtocol}s, whose
+    closing connections wait on C{clock} (the reactor by default).
     """
 
     protocol = BatchingTLSProtocol
+
+    def __init__(
+        self,
+        contextFactory: IOpenSSLServerConnectionCreator,
+        isClient: bool,
+        wrappedFactory: IProtocolFactory,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        self.clock: IReactorTime = self._clock

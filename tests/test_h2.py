@@ -1054,3 +1054,44 @@ def test_uploads_waiting_for_the_writes_all_go_on_in_any_order_their_frames_come
         clock.turn()
     assert [uploader.statuses for uploader in uploaders] == [[b"200"] * 4] * len(uploaders)
     assert_stored_whole(server, bodies)
+
+
+@pytest.mark.parametrize("http2", [True, False])
+def test_closing_the_sites_connections_lets_go_of_them_and_tells_http2_clients(tmp_path: Any, http2: bool) -> None:
+    """
+    A stopping daemon's close of its connections (the site's
+    C{close_connections}) stops each channel being its transport's
+    producer (TLS sends its close alert only then) and closes the
+    transport; an HTTP/2 client is first told, with a GOAWAY carrying no
+    error, that no new request will be served. The closes complete as the
+    connections go.
+    """
+    server = make_server(str(tmp_path / "data"))
+    transport = StringTransport()
+    if http2:
+        transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol = server.site.buildProtocol(transport.getPeer())
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    client = H2Connection(H2Configuration(client_side=True))
+    if http2:
+        client.initiate_connection()
+        protocol.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
+    else:
+        protocol.dataReceived(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 ")
+        transport.clear()
+    assert transport.producer is not None
+    closed = server.site.close_connections()
+    assert transport.producer is None
+    assert transport.disconnecting
+    if http2:
+        goaway = [f for f in frames(transport.value()) if isinstance(f, GoAwayFrame)]
+        assert [f.error_code for f in goaway] == [ErrorCodes.NO_ERROR]
+    else:
+        assert transport.value() == b""
+    assert not closed.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert closed.called

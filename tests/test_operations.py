@@ -33,6 +33,10 @@ from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, StreamEnded
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -874,6 +878,52 @@ def test_shutdown_timeout_cuts_off_a_stalled_upload(tmp_path):
         assert stored_objects(daemon.data, "r") == {}
         assert os.listdir(daemon.spool) == []
         assert "requests still in flight; closing them" in daemon.log()
+
+
+@pytest.mark.network
+def test_idle_tls_clients_do_not_hold_up_a_stop(tmp_path):
+    """
+    Clients that keep an idle TLS connection open and read nothing while
+    idle (an HTTP/1.1 client between requests, an HTTP/2 one) do not hold a
+    stopping daemon for the shutdown timeout: at SIGTERM the HTTP/2 client
+    is told (GOAWAY, no error) that no new request will be served, both
+    connections end cleanly (the TLS close alert, then the socket closed a
+    second later at most, as neither client answers), and the daemon exits
+    with status 0 within a few seconds, not the 30 s of the timeout.
+    """
+    pair = new_pair()
+    with launched(tmp_path, tls=pair) as daemon:
+        assert daemon.cert_path is not None
+        context = ssl.create_default_context(cafile=str(daemon.cert_path))
+        http1 = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=TIMEOUT, context=context)
+        http1.request("POST", "/r/?create=true")
+        created = http1.getresponse()
+        created.read()
+        assert created.status == 200
+        context.set_alpn_protocols(["h2"])
+        http2 = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT), server_hostname="127.0.0.1"
+        )
+        assert http2.selected_alpn_protocol() == "h2"
+        client = H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "HEAD"), (":path", "/r/config"), (":scheme", "https"), (":authority", "x")], end_stream=True)
+        http2.sendall(client.data_to_send())
+        answered: list[object] = []
+        while not any(isinstance(e, StreamEnded) for e in answered):
+            answered += client.receive_data(http2.recv(1 << 16))
+            http2.sendall(client.data_to_send())
+        sigterm = daemon.terminate()
+        assert daemon.wait_exit() == 0
+        took = time.monotonic() - sigterm
+        assert took < 5.0, took
+        told: list[object] = []
+        while data := http2.recv(1 << 16):  # a clean TLS end reads as b""
+            told += client.receive_data(data)
+        assert [e.error_code for e in told if isinstance(e, ConnectionTerminated)] == [ErrorCodes.NO_ERROR]
+        assert http1.sock is not None and http1.sock.recv(1) == b""
+        http1.close()
+        http2.close()
 
 
 # -- systemd: readiness notification and socket activation ---------------------------

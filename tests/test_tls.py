@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -24,7 +26,7 @@ from twisted.test.iosim import connectedServerAndClient
 from resticd.certs import write_self_signed
 from resticd.h2 import SOCKET_SEND_SIZE
 from tests.web import make_server
-from resticd.tls import BatchingTLSFactory, ReloadingTLS
+from resticd.tls import CLOSE_WAIT, BatchingTLSFactory, ReloadingTLS
 from tests.tools import transport_over
 
 
@@ -44,15 +46,16 @@ class Recorder(Protocol):
         self.lost = reason
 
 
-def tls_pair(tmp_path: Path) -> tuple[Recorder, Recorder, object]:
+def tls_pair(tmp_path: Path, clock: Clock | None = None) -> tuple[Recorder, Recorder, object]:
     """
-    A server behind L{BatchingTLSFactory} and a TLS client, connected in
-    memory; the handshake is done. Returns both protocols and the pump.
+    A server behind L{BatchingTLSFactory} (waiting on C{clock}, if given)
+    and a TLS client, connected in memory; the handshake is done. Returns
+    both protocols and the pump.
     """
     cert, key = write_self_signed(str(tmp_path))
     server = Recorder()
     client = Recorder()
-    server_factory = BatchingTLSFactory(ReloadingTLS(cert, key), False, Factory.forProtocol(lambda: server))
+    server_factory = BatchingTLSFactory(ReloadingTLS(cert, key), False, Factory.forProtocol(lambda: server), clock)
     with open(cert, "rb") as f:
         trust = Certificate.loadPEM(f.read())
     client_factory = TLSMemoryBIOFactory(
@@ -94,6 +97,47 @@ def test_data_before_close_notify_is_delivered_then_connection_ends(tmp_path: Pa
     pump.flush()  # type: ignore[attr-defined]
     assert b"".join(server.chunks) == b"last words"
     assert server.lost is not None
+
+
+def test_a_close_the_client_answers_ends_the_connection_at_once(tmp_path: Path) -> None:
+    """
+    When the server closes a connection, its TLS close alert goes out; a
+    client that answers it with its own has the connection end at once,
+    cleanly on both sides, and no timer is left behind.
+    """
+    clock = Clock()
+    server, client, pump = tls_pair(tmp_path, clock)
+    assert server.transport is not None
+    server.transport.loseConnection()
+    pump.flush()  # type: ignore[attr-defined]
+    assert server.lost is not None and server.lost.check(ConnectionDone)
+    assert client.lost is not None and client.lost.check(ConnectionDone)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_client_that_does_not_answer_the_close_is_closed_a_moment_later(tmp_path: Path) -> None:
+    """
+    A client that does not answer the server's close alert (an idle client
+    that reads nothing, a host gone from the network) has its socket
+    closed L{CLOSE_WAIT} seconds after the alert went out, not sooner, and
+    not only when the client goes (Twisted would wait for its alert as
+    long as the connection lasts): a stopping daemon is not held up. The
+    client, once it reads, sees a clean end.
+    """
+    clock = Clock()
+    server, client, pump = tls_pair(tmp_path, clock)
+    tls: Any = server.transport
+    socket_below = tls.transport
+    tls.loseConnection()
+    assert socket_below.stream, "the close alert was not sent"
+    clock.advance(CLOSE_WAIT - 0.01)
+    assert not socket_below.disconnecting
+    clock.advance(0.01)
+    assert socket_below.disconnecting
+    assert clock.getDelayedCalls() == []
+    pump.flush()  # type: ignore[attr-defined]
+    assert server.lost is not None
+    assert client.lost is not None and client.lost.check(ConnectionDone)
 
 
 def test_large_writes_reach_the_client_intact(tmp_path: Path) -> None:
