@@ -36,7 +36,7 @@ from resticd.h2 import (
     announce_settings,
     reserve,
 )
-from resticd.spool import PIECE, Spool, WriteBudget
+from resticd.spool import BACKLOG, BUDGET, PIECE, Spool, WriteBudget
 from resticd.windows import (
     BASE_WINDOW,
     CONNECTION_WINDOW,
@@ -872,25 +872,27 @@ def test_uploads_on_many_connections_while_the_writes_are_behind_hold_no_more_th
 
 def test_a_connection_that_starts_uploading_while_uploads_wait_for_the_disk_is_lent_a_quarter_mib(tmp_path) -> None:
     """
-    A client nearby that starts an upload while those of four others wait
-    for the disk (their writes held, the write budget full) is lent a
-    quarter MiB of window rather than a MiB: what it sent beyond would wait
-    in memory. Once the writes go on, its connection is lent the MiB again,
-    and every upload is answered 200 and stored whole.
+    A client nearby that starts an upload while those of others wait for
+    the disk (their writes held, enough of them to fill the write budget,
+    each up to BACKLOG bytes behind) is lent a quarter MiB of window rather
+    than a MiB: what it sent beyond would wait in memory. Once the writes go
+    on, its connection is lent the MiB again, and every upload is answered
+    200 and stored whole.
     """
     runner = HeldWrites()
     server = make_server(str(tmp_path / "data"), run=runner)
     server.store.create_repo(("r",))
     site: Any = server.site
     clock = Turns()
+    waiting = BUDGET // BACKLOG + 1
     base = os.urandom(6 << 20)
-    bodies = [base[:-1] + bytes([i]) for i in range(5)]
+    bodies = [base[:-1] + bytes([i]) for i in range(waiting + 1)]
     named = [(f"/r/data/{name_of(body)}", body) for body in bodies]
-    first = [Uploader(site, clock, [upload]) for upload in named[:4]]
+    first = [Uploader(site, clock, [upload]) for upload in named[:waiting]]
     while sum(uploader.step() for uploader in first):
         clock.turn()
     assert site.spool.budget.holding_back()
-    late = Uploader(site, clock, named[4:])
+    late = Uploader(site, clock, named[waiting:])
     late.read()
     assert late.client.outbound_flow_control_window == HELD_BACK_FLOOR
     uploaders = [*first, late]
@@ -907,7 +909,7 @@ def test_a_connection_that_starts_uploading_while_uploads_wait_for_the_disk_is_l
         clock.turn()
         for uploader in uploaders:
             uploader.step()
-    assert [uploader.statuses for uploader in uploaders] == [[b"200"]] * 5
+    assert [uploader.statuses for uploader in uploaders] == [[b"200"]] * len(bodies)
     assert_stored_whole(server, bodies)
 
 

@@ -545,18 +545,26 @@ def peak_resident_mib(pid: int) -> float:
     return status_mib(pid, "VmHWM")
 
 
-def test_a_128_mib_upload_raises_the_peak_memory_by_a_few_mib(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("tls", "most"), [(False, 7), (True, 8)])
+def test_a_128_mib_upload_raises_the_peak_memory_by_a_few_mib(tmp_path: Path, tls: bool, most: float) -> None:
     """
     One 128 MiB upload (restic's largest packs) is streamed to disk, not
     gathered: the daemon's peak resident memory while it comes in grows by
     a few MiB (its writes may fall BACKLOG bytes behind, not the whole write
-    budget of all uploads), and the object is stored intact.
+    budget of all uploads; measured 3-6 MiB over plain HTTP, 4.7-6.4 over
+    TLS, whose reads and decrypted pieces are a MiB), and the object is
+    stored intact.
     """
     body = os.urandom(128 * MIB)
     name = hashlib.sha256(body).hexdigest()
-    with running(tmp_path, tls=False) as daemon:
+    with running(tmp_path, tls=tls) as daemon:
         pid = daemon.process.pid
-        conn = http.client.HTTPConnection(daemon.host, daemon.port, timeout=60)
+        conn: http.client.HTTPConnection
+        if tls:
+            context = ssl.create_default_context(cafile=str(daemon.cert))
+            conn = http.client.HTTPSConnection(daemon.host, daemon.port, timeout=60, context=context)
+        else:
+            conn = http.client.HTTPConnection(daemon.host, daemon.port, timeout=60)
         conn.request("POST", "/r/?create=true")
         created = conn.getresponse()
         created.read()
@@ -574,7 +582,7 @@ def test_a_128_mib_upload_raises_the_peak_memory_by_a_few_mib(tmp_path: Path) ->
         conn.close()
         with open(daemon.data / "r" / "data" / name[:2] / name, "rb") as stored:
             assert hashlib.sha256(stored.read()).hexdigest() == name
-    assert grown <= 12, f"peak RSS grew by {grown:.1f} MiB"
+    assert grown <= most, f"peak RSS grew by {grown:.1f} MiB"
 
 
 def test_idle_tls_connections_keep_no_large_buffers(tmp_path: Path) -> None:

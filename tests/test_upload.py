@@ -816,8 +816,7 @@ def test_an_upload_far_behind_its_writes_reports_it_and_when_it_caught_up(tmp_pa
     assert spool.backlog == BACKLOG + PIECE and spool.backlogged
     caught_up: list[int] = []
     spool.when_caught_up(lambda: caught_up.append(spool.backlog))
-    runner.release()
-    runner.release()
+    runner.release()  # one piece written: BACKLOG behind, more than half of it
     assert caught_up == [] and spool.backlogged is False
     while runner.queued and not caught_up:
         runner.release()
