@@ -74,8 +74,8 @@ RATE_WINDOW = 0.05
 #: than that, however far the disk falls behind (the L{WriteBudget} caps all
 #: uploads together). Measured on a 2-core VM: a 128 MiB upload raised the
 #: daemon's peak resident size by 4 MiB over plain HTTP (median; 3-6) with
-#: two pieces, 6.3 (5-7.5) with four, and over TLS by 5.5 (4.7-6.4) against
-#: 7.4 (7.3-8.5), at the same speed.
+#: two pieces, 6.2 (5-8) with four, and over TLS by 5.5 (4.7-6.4) against
+#: 7.5 (7.3-8.5), at the same speed.
 BACKLOG = 2 * PIECE
 
 #: A whole body at most this long is hashed on the reactor thread (tens of
