@@ -16,8 +16,8 @@ from OpenSSL.crypto import X509
 from OpenSSL.SSL import Error as OpenSSLError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IProtocolFactory, IReactorTime
-from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates
 from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure

@@ -1075,8 +1075,8 @@ def test_closing_the_sites_connections_lets_go_of_them_and_tells_http2_clients(t
     protocol = server.site.buildProtocol(transport.getPeer())
     assert protocol is not None
     protocol.makeConnection(transport)
-    client = H2Connection(H2Configuration(client_side=True))
     if http2:
+        client = H2Connection(H2Configuration(client_side=True))
         client.initiate_connection()
         protocol.dataReceived(client.data_to_send())
         client.receive_data(transport.value())
