@@ -406,6 +406,15 @@ class ResticH2Connection(H2Connection):
         transport.unregisterProducer()
         transport.loseConnection()
 
+    def timeoutConnection(self) -> None:
+        # Twisted's sends a GOAWAY, arms its abort timer and closes the
+        # transport with the connection still its producer: over TLS nothing
+        # closed until that timer aborted the connection, 15 s later.
+        super().timeoutConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.unregisterProducer()
+
     def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
         # All the connection held goes back to the pool at once.
         self.windows.leave(self)

@@ -36,6 +36,7 @@ from resticd.h2 import (
     announce_settings,
     reserve,
 )
+from resticd.site import IDLE_TIMEOUT
 from resticd.spool import BACKLOG, BUDGET, PIECE, Spool, WriteBudget
 from resticd.windows import (
     BASE_WINDOW,
@@ -1097,3 +1098,34 @@ def test_closing_the_sites_connections_lets_go_of_them_and_tells_http2_clients(t
     assert not closed.called
     protocol.connectionLost(Failure(ConnectionDone()))
     assert closed.called
+
+
+def test_an_idle_http2_connection_is_closed_at_its_timeout_not_left_to_the_abort_timer(tmp_path: Any) -> None:
+    """
+    An HTTP/2 connection idle for L{IDLE_TIMEOUT} seconds is told GOAWAY
+    (no error), stops being its transport's producer (TLS sends its close
+    alert only then) and is closed; Twisted's abort timer, armed for a
+    client that does not go, does not outlive the connection. (Twisted's
+    own timeout left the connection the producer: over TLS it stayed open
+    until that timer aborted it, 15 s later.)
+    """
+    server = make_server(str(tmp_path / "data"))
+    transport = StringTransport()
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol = server.site.buildProtocol(transport.getPeer())
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    protocol.dataReceived(client.data_to_send())
+    transport.clear()
+    server.reactor.advance(IDLE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    assert transport.producer is not None
+    server.reactor.advance(1)
+    goaway = [f for f in frames(transport.value()) if isinstance(f, GoAwayFrame)]
+    assert [f.error_code for f in goaway] == [ErrorCodes.NO_ERROR]
+    assert transport.producer is None
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert [c for c in server.reactor.getDelayedCalls() if c.active() and "Abort" in c.func.__name__] == []
