@@ -6,6 +6,7 @@ Where resticd spends its time on one workload, run by hand::
     .venv/bin/python bench/hotspots.py requests [--count N]
     .venv/bin/python bench/hotspots.py h2-receive [--count N]
     .venv/bin/python bench/hotspots.py h2-send [--count N]
+    .venv/bin/python bench/hotspots.py tls-receive [--count N]
     .venv/bin/python bench/hotspots.py backups [--https] [--count N] [--disk-mib-s M]
 
 For C{upload}, C{download}, C{range}, C{head} and C{small} (small durable
@@ -25,7 +26,10 @@ resticd's HTTP/2 connection takes to receive an upload's DATA frames, against
 the h2 library's own connection, for reads of several sizes. C{h2-send}
 measures, in this process, the CPU time resticd takes to send whole objects
 over HTTP/2 in 16 KiB frames (as restic's Go client takes them), one answer
-at a time and four at once, through the real site. C{backups} has N restic
+at a time and four at once, through the real site. C{tls-receive} measures,
+in this process, the CPU time resticd's TLS layer takes to decrypt an
+upload and hand it up, against Twisted's own, for socket reads of several
+sizes. C{backups} has N restic
 clients back up at once, each a tree of its own, to a daemon whose disk
 writes are throttled (as root, through a cgroup's C{blkio} or C{io}
 controller: a disk slower than the network), and prints the daemon's
@@ -65,10 +69,10 @@ SERVED = ("upload", "download", "range", "head", "small", "list")
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Where resticd spends its time on one workload (run by hand; see bench/README.md).")
-    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive", "h2-send", "backups"))
+    parser.add_argument("workload", choices=(*SERVED, "requests", "h2-receive", "h2-send", "tls-receive", "backups"))
     parser.add_argument("--https", action="store_true", help="serve https (default: plain http)")
     parser.add_argument("--with", dest="profiler", choices=("perf", "py-spy"), help="record the daemon with this profiler")
-    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small, list), MiB (h2-receive, h2-send) or restic clients (backups); defaults: 128, 128, 20000, 20000, 2000, 10000, 50000, 512, 256, 8")
+    parser.add_argument("--count", type=int, help="8 MiB objects (upload, download), requests (range, head, requests), small objects (small, list), MiB (h2-receive, h2-send, tls-receive) or restic clients (backups); defaults: 128, 128, 20000, 20000, 2000, 10000, 50000, 512, 256, 256, 8")
     parser.add_argument("--disk-mib-s", type=int, default=30, help="backups: the daemon's disk writes are throttled to this many MiB/s (default 30; 0: not throttled)")
     parser.add_argument("--tree-mib", type=int, default=64, help="backups: MiB of random files each client backs up (default 64)")
     parser.add_argument("--delay-ms", type=float, default=0, help="backups: the clients reach the daemon through bench/delay.py, which delays every byte this many ms each way (default 0: directly)")
@@ -84,7 +88,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "list": 50_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256, "backups": 8}
+DEFAULT_COUNT = {"upload": 128, "download": 128, "range": 20_000, "head": 20_000, "small": 10_000, "list": 50_000, "requests": 2_000, "h2-receive": 512, "h2-send": 256, "tls-receive": 256, "backups": 8}
 #: Listings measured by the list workload (after one unmeasured).
 LISTINGS = 7
 
@@ -453,6 +457,82 @@ def h2_receive(args: argparse.Namespace) -> None:
         print(f"{read >> 10:>7} KiB  {costs[0]:8.3f}  {costs[1]:8.3f}")
 
 
+def tls_receive(args: argparse.Namespace) -> None:
+    """
+    CPU time per GiB to decrypt an upload sent over TLS (the client's
+    16 KiB records, as OpenSSL and Go send them) and hand it to the protocol
+    above, on resticd's TLS layer (L{resticd.tls.BatchingTLSProtocol}) and on
+    Twisted's own, for socket reads of several sizes. Encrypting is not
+    timed; the protocol above only counts what it gets.
+    """
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from twisted.internet.task import Clock
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test.iosim import connectedServerAndClient
+
+    from resticd.certs import write_self_signed
+    from resticd.memory import keep_large_buffers
+    from resticd.tls import BatchingTLSFactory, ReloadingTLS
+
+    keep_large_buffers()  # as the daemon does at startup
+
+    class Counter(Protocol):
+        received = 0
+        calls = 0
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += len(data)
+            self.calls += 1
+
+    root = Path(tempfile.mkdtemp(prefix="resticd-tls-"))
+    try:
+        cert, key = write_self_signed(str(root))
+        with open(cert, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        creator = ReloadingTLS(cert, key)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    total = (args.count or DEFAULT_COUNT["tls-receive"]) * run.MiB
+    piece = random.Random(3).randbytes(run.MiB)
+
+    ciphers: set[str] = set()
+
+    def cost(ours: bool, read: int) -> tuple[float, float]:
+        """
+        CPU seconds per GiB, and calls of the protocol above per MiB, for
+        one server connection receiving C{total} bytes in reads of C{read}.
+        """
+        above, client = Counter(), Counter()
+        wrapped = Factory.forProtocol(lambda: above)
+        factory = BatchingTLSFactory(creator, False, wrapped, Clock()) if ours else TLSMemoryBIOFactory(creator, False, wrapped)
+        client_factory = TLSMemoryBIOFactory(optionsForClientTLS("localhost", trust), True, Factory.forProtocol(lambda: client))
+        client_tls, server_tls, pump = connectedServerAndClient(
+            lambda: factory.buildProtocol(None), lambda: client_factory.buildProtocol(None)
+        )
+        pump.flush()
+        ciphers.add(str(server_tls._tlsConnection.get_cipher_name()))
+        seconds = 0.0
+        for _ in range(0, total, 64 * run.MiB):  # encrypted 64 MiB at a time, untimed
+            for _ in range(64):
+                client_tls.write(piece)
+            wire = pump.clientIO.getOutBuffer()
+            started = time.process_time()
+            for at in range(0, len(wire), read):
+                server_tls.dataReceived(wire[at : at + read])
+            seconds += time.process_time() - started
+        assert above.received == total, (above.received, total)
+        return seconds * run.GiB / total, above.calls * run.MiB / total
+
+    print(f"receiving {total // run.MiB} MiB over TLS, CPU seconds per GiB and calls of the protocol above per MiB"
+          " (in process; twisted: Twisted's own TLS layer):")
+    print(f"{'read size':>10}  {'resticd':>8}  {'calls':>6}  {'twisted':>8}  {'calls':>6}")
+    for read in (64 << 10, 256 << 10, 1 << 20, 2 << 20):
+        (ours, our_calls), (theirs, their_calls) = cost(True, read), cost(False, read)
+        print(f"{read >> 10:>7} KiB  {ours:8.3f}  {our_calls:6.1f}  {theirs:8.3f}  {their_calls:6.1f}")
+    print(f"cipher: {', '.join(sorted(ciphers))}")
+
+
 def h2_send(args: argparse.Namespace) -> None:
     """
     CPU time per GiB resticd takes to send 8 MiB objects from the page cache
@@ -631,6 +711,8 @@ def main(argv: Sequence[str]) -> int:
             h2_receive(args)
         elif args.workload == "h2-send":
             h2_send(args)
+        elif args.workload == "tls-receive":
+            tls_receive(args)
         elif args.workload == "backups":
             backups(args)
         else:
