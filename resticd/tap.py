@@ -70,7 +70,7 @@ class Options(usage.Options):
         ["prometheus-listen", None, None, "Also serve /metrics and the health endpoints, without authentication, on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["log", None, None, "Write an access log in Apache's combined format to this file (- for standard output); reopened on SIGHUP."],
         ["min-free-space", None, "1%", "Free space on the data directory's filesystem below which /-/ready answers 503: a percentage or a size."],
-        ["request-timeout", None, 60.0, "Seconds a request's headers may take to arrive, and its body may stall, before the connection is closed (one idle between requests: after 180).", float],
+        ["request-timeout", None, 60.0, "Seconds a request's headers may take to arrive, and its body may stall, before the connection is closed; a connection idle between requests is closed after 180 s.", float],
         ["shutdown-timeout", None, 30.0, "Seconds that requests in flight get to finish when resticd stops (SIGTERM, SIGINT).", float],
     ]
     optFlags = [

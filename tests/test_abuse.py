@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.events import Event, ResponseReceived, StreamReset
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -44,7 +42,7 @@ from resticd.site import IDLE_TIMEOUT
 
 from .daemon import Daemon, running, sha256_hex
 from .tools import wait_for
-from .web import HeldWrites, Server, make_server
+from .web import HeldWrites, Server, http2_connection, make_server
 
 pytestmark = pytest.mark.network
 
@@ -796,12 +794,7 @@ def test_stalled_http2_upload_is_reset_after_the_request_timeout(tmp_path):
     """
     server = make_server(str(tmp_path / "data"), request_timeout=5.0)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 40000), lenient=True)
-    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
-    protocol = server.site.buildProtocol(transport.getPeer())
-    assert protocol is not None
-    protocol.makeConnection(transport)
-    client = H2Connection(H2Configuration(client_side=True))
-    client.initiate_connection()
+    protocol, client = http2_connection(server, transport)
 
     def exchange() -> list[Event]:
         protocol.dataReceived(client.data_to_send())

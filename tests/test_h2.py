@@ -48,7 +48,7 @@ from resticd.windows import (
     UploadWindows,
 )
 
-from .web import HeldWrites, make_server, name_of
+from .web import HeldWrites, http2_connection, make_server, name_of
 
 
 def opened_stream(server: H2Connection) -> H2Connection:
@@ -1111,12 +1111,7 @@ def test_an_idle_http2_connection_is_closed_at_its_timeout_not_left_to_the_abort
     """
     server = make_server(str(tmp_path / "data"))
     transport = StringTransport()
-    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
-    protocol = server.site.buildProtocol(transport.getPeer())
-    assert protocol is not None
-    protocol.makeConnection(transport)
-    client = H2Connection(H2Configuration(client_side=True))
-    client.initiate_connection()
+    protocol, client = http2_connection(server, transport)
     protocol.dataReceived(client.data_to_send())
     transport.clear()
     server.reactor.advance(IDLE_TIMEOUT - 1)

@@ -11,13 +11,15 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from treq.client import HTTPClient
 from treq.response import _Response
 from treq.testing import RequestTraversalAgent, _SynchronousProducer
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from resticd.auth import Authenticator
@@ -216,3 +218,18 @@ def make_server(
         metrics = Metrics(CollectorRegistry(), ctx.usage, ctx.access, reactor, root=root)
     site = make_site(config, ctx, authenticator, reactor, metrics=metrics)
     return Server(config, store, site, SiteClient(site), reactor, ctx, metrics)
+
+
+def http2_connection(server: Server, transport: StringTransport) -> tuple[Any, H2Connection]:
+    """
+    The site's protocol connected over C{transport}, on which HTTP/2 was
+    negotiated, and an h2 client that has begun its connection (its
+    preamble is not sent yet).
+    """
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol = server.site.buildProtocol(transport.getPeer())
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    return protocol, client
