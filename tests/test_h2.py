@@ -1122,5 +1122,10 @@ def test_an_idle_http2_connection_is_closed_at_its_timeout_not_left_to_the_abort
     assert [f.error_code for f in goaway] == [ErrorCodes.NO_ERROR]
     assert transport.producer is None
     assert transport.disconnecting
+
+    def abort_timers() -> list[Any]:
+        return [c for c in server.reactor.getDelayedCalls() if c.active() and "Abort" in c.func.__name__]
+
+    assert len(abort_timers()) == 1  # armed for a client that does not go
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert [c for c in server.reactor.getDelayedCalls() if c.active() and "Abort" in c.func.__name__] == []
+    assert abort_timers() == []
